@@ -1,0 +1,166 @@
+"""Fixtures for tests on a real FUSE mount.
+
+Every mount made here is unmounted, and every daemon stopped, even when the test
+fails: `mounted_at` cleans up in `finally`, and a session hook sweeps any mount left
+under the test directories. Without a usable /dev/fuse the tests skip locally and
+fail in CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TDEFS = [sys.executable, "-m", "mount.cli"]
+_MOUNTPOINTS: set[Path] = set()
+
+
+@dataclass
+class VaultPaths:
+    backing: Path
+    mountpoint: Path
+    key_file: Path
+    log: Path
+
+    def key_args(self) -> list[str]:
+        return ["--key-file", str(self.key_file)]
+
+
+def fuse_problem() -> str | None:
+    """Why this machine cannot mount, or None when it can."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"/dev/fuse cannot be opened: {exc.strerror}"
+    if not any(os.access(os.path.join(d, "fusermount3"), os.X_OK)
+               for d in os.environ.get("PATH", "/usr/bin:/bin").split(":")):
+        return "fusermount3 is not installed (apt-get install fuse3)"
+    return None
+
+
+def require_fuse() -> None:
+    problem = fuse_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the FUSE tests, but {problem}")
+    pytest.skip(f"no FUSE here (outside CI): {problem}")
+
+
+def run_tdefs(*args: str | os.PathLike, env: dict | None = None, check: bool = True,
+              timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.pop("TDEFS_FAILPOINTS", None)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([*TDEFS, *map(str, args)], cwd=REPO, env=full_env, input=input,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"tdefs {' '.join(map(str, args))} exited {proc.returncode}:\n"
+            f"{proc.stdout.decode(errors='replace')}{proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def daemons_for(mountpoint: Path) -> list[psutil.Process]:
+    target = str(mountpoint)
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if proc.pid != os.getpid() and target in cmd and "mount" in cmd:
+            found.append(proc)
+    return found
+
+
+def force_cleanup(mountpoint: Path) -> None:
+    """Unmount by every means and stop the daemon; never raises."""
+    if is_mounted(mountpoint):
+        try:
+            run_tdefs("umount", mountpoint, check=False, timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    if is_mounted(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    for proc in daemons_for(mountpoint):
+        try:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        except psutil.Error:
+            pass
+    if is_mounted(mountpoint):
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def make_vault(root: Path, name: str = "v", method: str | None = None) -> VaultPaths:
+    v = VaultPaths(backing=root / f"{name}-backing", mountpoint=root / f"{name}-mnt",
+                   key_file=root / f"{name}.key", log=root / f"{name}.log")
+    v.backing.mkdir()
+    v.mountpoint.mkdir()
+    args = ["init", v.backing, "--key-file", v.key_file, "--generate-key"]
+    if method:
+        args += ["--method", method]
+    run_tdefs(*args)
+    return v
+
+
+def mount(v: VaultPaths, env: dict | None = None, extra: tuple[str, ...] = ()) -> None:
+    _MOUNTPOINTS.add(v.mountpoint)
+    run_tdefs("mount", v.backing, v.mountpoint, *v.key_args(), "--log", v.log, *extra, env=env)
+    assert is_mounted(v.mountpoint), f"tdefs mount returned but {v.mountpoint} is not mounted"
+
+
+def umount(v: VaultPaths) -> None:
+    run_tdefs("umount", v.mountpoint)
+    deadline = time.monotonic() + 10
+    while daemons_for(v.mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_mounted(v.mountpoint)
+
+
+@contextmanager
+def mounted_at(v: VaultPaths, env: dict | None = None,
+               extra: tuple[str, ...] = ()) -> Iterator[VaultPaths]:
+    """Mount for the duration of the block; always clean up, and unmount cleanly on success."""
+    require_fuse()
+    try:
+        mount(v, env=env, extra=extra)
+        yield v
+        umount(v)
+    finally:
+        force_cleanup(v.mountpoint)
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> VaultPaths:
+    require_fuse()
+    return make_vault(tmp_path)
+
+
+@pytest.fixture
+def mounted(vault: VaultPaths) -> Iterator[VaultPaths]:
+    with mounted_at(vault) as v:
+        yield v
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for mountpoint in list(_MOUNTPOINTS):
+        force_cleanup(mountpoint)
