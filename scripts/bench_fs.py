@@ -1,0 +1,781 @@
+"""Filesystem benchmarks: the tdefs mount against a raw directory and, optionally, gocryptfs.
+
+Every workload runs on every target in the same run, one target after the other, so
+the ratios compare like with like on a machine whose load drifts. Each target lives
+in its own directory under one work directory on the same filesystem; whatever this
+script mounts is unmounted again, and its daemons stopped, on any exit (an error, a
+Ctrl-C or a SIGTERM).
+
+Figures are rates (higher is better) except the daemon's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+TDEFS = [sys.executable, "-m", "mount.cli"]
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+RSS_LIMIT_MIB = 200
+TARGET_NAMES = ("raw", "tdefs", "gocryptfs")
+
+
+class BenchError(Exception):
+    """A problem that ends the run with a one-line message."""
+
+
+# ---------------------------------------------------------------------------
+# sizes
+
+
+@dataclass(frozen=True)
+class Sizes:
+    seq_bytes: int
+    rand_file_bytes: int
+    rand_ops: int
+    small_files: int
+    appends: int
+    kv_keys: int
+    kv_synced_keys: int
+    # a workload that runs longer than this stops early; its rate is still exact
+    op_time_cap: float
+
+
+FULL = Sizes(seq_bytes=GiB, rand_file_bytes=256 * MiB, rand_ops=20_000, small_files=5_000,
+             appends=2_000, kv_keys=200_000, kv_synced_keys=2_000, op_time_cap=60.0)
+QUICK = Sizes(seq_bytes=16 * MiB, rand_file_bytes=8 * MiB, rand_ops=500, small_files=200,
+              appends=100, kv_keys=5_000, kv_synced_keys=50, op_time_cap=10.0)
+SMALL_FILE_BYTES = 4 * KiB
+RAND_BLOCK = 4 * KiB
+SEQ_BLOCK = MiB
+KV_KEY_BYTES = 16
+KV_VALUE_BYTES = 100
+
+
+def parse_size(text: str) -> int:
+    units = {"k": KiB, "m": MiB, "g": GiB}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1G, 256M)") from None
+    if value < SEQ_BLOCK:
+        raise argparse.ArgumentTypeError("size must be at least 1M")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# host helpers
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the kernel's page, dentry and inode caches (needs root)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (longest mount-point prefix wins)."""
+    real = os.path.realpath(path)
+    best, best_type = "", "unknown"
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            point = parts[1].replace("\\040", " ")
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, best_type = point, parts[2]
+    return best_type
+
+
+def default_base_dir() -> Path:
+    # tmpfs would measure RAM, not a disk, for the raw target and the backing files
+    for candidate in (Path(tempfile.gettempdir()), Path("/var/tmp")):
+        if candidate.is_dir() and filesystem_type(candidate) not in ("tmpfs", "ramfs"):
+            return candidate
+    raise BenchError("both /tmp and /var/tmp are in memory; give --dir on a disk")
+
+
+def processes_for(mountpoint: Path, program: str | None = None) -> list[psutil.Process]:
+    """The daemons serving `mountpoint`, found by their command line."""
+    target = str(mountpoint)
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if proc.pid == os.getpid() or target not in cmd:
+            continue
+        if os.path.basename(cmd[0]) in ("fusermount3", "fusermount", "umount", "mount"):
+            continue
+        if "umount" in cmd or (program is not None and program not in cmd[0]):
+            continue
+        found.append(proc)
+    return found
+
+
+def stop_processes(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 120) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=timeout)
+    if proc.returncode != 0:
+        out = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+        last = out.splitlines()[-1] if out else f"exit status {proc.returncode}"
+        raise BenchError(f"{' '.join(map(str, cmd[:4]))} ...: {last}")
+
+
+# ---------------------------------------------------------------------------
+# targets
+
+
+class Target:
+    """A directory to benchmark in, and how to make its caches cold."""
+
+    name = "?"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.workdir = root
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def make_cold(self) -> None:
+        """Forget every cached page of this target, so the next read goes to the disk."""
+        drop_page_cache()
+
+    def stop(self) -> None:
+        """Unmount and stop daemons; never raises, may run more than once."""
+
+    def daemons(self) -> list[psutil.Process]:
+        return []
+
+
+class RawTarget(Target):
+    """A plain directory on the same filesystem as the encrypted targets' backing dirs."""
+
+    name = "raw"
+
+
+class FuseTarget(Target):
+    """A FUSE mount over a backing directory, remounted to make its caches cold."""
+
+    program: str | None = None
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.backing = root / "backing"
+        self.mountpoint = root / "mnt"
+        self.workdir = self.mountpoint
+
+    def start(self) -> None:
+        self.backing.mkdir(parents=True)
+        self.mountpoint.mkdir()
+        self.init()
+        self.mount()
+
+    def init(self) -> None:
+        raise NotImplementedError
+
+    def mount(self) -> None:
+        raise NotImplementedError
+
+    def unmount(self) -> None:
+        raise NotImplementedError
+
+    def make_cold(self) -> None:
+        # the kernel keeps a FUSE file's pages across opens; remounting is the sure way
+        self.unmount()
+        drop_page_cache()
+        self.mount()
+
+    def daemons(self) -> list[psutil.Process]:
+        return processes_for(self.mountpoint, self.program)
+
+    def stop(self) -> None:
+        if self.mountpoint.exists() and is_mounted(self.mountpoint):
+            with contextlib.suppress(BenchError, subprocess.TimeoutExpired, OSError):
+                self.unmount()
+        if self.mountpoint.exists() and is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+        stop_processes(self.daemons())
+        if self.mountpoint.exists() and is_mounted(self.mountpoint):
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+
+
+class TdefsTarget(FuseTarget):
+    name = "tdefs"
+    program = None  # a Python process; its exact command line is the daemon's business
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.key_file = root / "master.key"
+        self.log = root / "daemon.log"
+        self.env = {k: v for k, v in os.environ.items() if k != "TDEFS_FAILPOINTS"}
+
+    def init(self) -> None:
+        run([*TDEFS, "init", str(self.backing), "--key-file", str(self.key_file),
+             "--generate-key"], env=self.env)
+
+    def mount(self) -> None:
+        run([*TDEFS, "mount", str(self.backing), str(self.mountpoint),
+             "--key-file", str(self.key_file), "--log", str(self.log)], env=self.env)
+        if not is_mounted(self.mountpoint):
+            raise BenchError(f"tdefs mount returned, but {self.mountpoint} is not mounted")
+
+    def unmount(self) -> None:
+        run([*TDEFS, "umount", str(self.mountpoint)], env=self.env)
+        wait_gone(self.daemons)
+
+
+
+class GocryptfsTarget(FuseTarget):
+    name = "gocryptfs"
+    program = "gocryptfs"
+    password_cmd = "echo bench-password"
+
+    def init(self) -> None:
+        if shutil.which("gocryptfs") is None:
+            raise BenchError("gocryptfs is not installed (apt-get install gocryptfs)")
+        # scryptn 10 keeps the key derivation out of the mount time
+        run(["gocryptfs", "-init", "-q", "-extpass", self.password_cmd, "-scryptn", "10",
+             str(self.backing)])
+
+    def mount(self) -> None:
+        run(["gocryptfs", "-q", "-extpass", self.password_cmd, str(self.backing),
+             str(self.mountpoint)])
+        if not is_mounted(self.mountpoint):
+            raise BenchError(f"gocryptfs returned, but {self.mountpoint} is not mounted")
+
+    def unmount(self) -> None:
+        run(["fusermount3", "-u", str(self.mountpoint)])
+        wait_gone(self.daemons)
+
+
+def wait_gone(find: Callable[[], list[psutil.Process]], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while find() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+TARGET_CLASSES: dict[str, type[Target]] = {
+    "raw": RawTarget, "tdefs": TdefsTarget, "gocryptfs": GocryptfsTarget}
+
+
+# ---------------------------------------------------------------------------
+# daemon memory
+
+
+class RssSampler:
+    """Samples the summed resident memory of the tdefs daemons in a background thread."""
+
+    def __init__(self, target: Target | None, interval: float = 0.05) -> None:
+        self.target = target
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        if self.target is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        procs: list[psutil.Process] = []
+        last_lookup = 0.0
+        while not self._stop.wait(self.interval):
+            now = time.monotonic()
+            # the daemon changes on every remount: look again when it is gone, and now and then
+            if not procs or now - last_lookup > 1.0:
+                with contextlib.suppress(psutil.Error, OSError):
+                    procs = self.target.daemons()
+                last_lookup = now
+            total, alive = 0, []
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                    alive.append(proc)
+                except psutil.Error:
+                    pass
+            procs = alive
+            if alive:
+                self.samples += 1
+                self.peak = max(self.peak, total)
+
+
+# ---------------------------------------------------------------------------
+# workloads
+
+
+@dataclass(frozen=True)
+class Row:
+    """One printed figure: its unit and the target it must meet."""
+
+    name: str
+    unit: str
+    versus: str | None = None     # "raw" or "gocryptfs": the peer the target compares with
+    factor: float = 0.0           # tdefs must reach factor x that peer
+    note: str = ""
+
+
+ROWS = (
+    Row("seq_write", "MiB/s", "gocryptfs", 1.0),
+    Row("seq_read", "MiB/s", "gocryptfs", 1.0),
+    Row("rand_read_4k", "ops/s"),
+    Row("rand_write_4k", "ops/s", "gocryptfs", 1.0),
+    Row("small_create", "files/s", "gocryptfs", 0.5),
+    Row("small_stat", "files/s"),
+    Row("small_read", "files/s", "gocryptfs", 0.5),
+    Row("small_rename", "files/s", "gocryptfs", 0.5),
+    Row("small_unlink", "files/s", "gocryptfs", 0.5),
+    Row("append_fsync", "ops/s", "gocryptfs", 0.8),
+    Row("rocksdb_fill", "puts/s", "raw", 0.8),
+    Row("rocksdb_fill_sync", "puts/s", "raw", 0.5),
+)
+RSS_ROW = "daemon_peak_rss"
+
+
+@dataclass
+class Context:
+    target: Target
+    sizes: Sizes
+    rng: random.Random
+    results: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return self.target.workdir
+
+
+class Stopwatch:
+    def __enter__(self) -> Stopwatch:
+        os.sync()  # earlier workloads' dirty pages are not this one's cost
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.elapsed = time.perf_counter() - self.start
+
+
+def write_file(path: Path, size: int, block: bytes, fsync: bool = True) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = size
+        while left > 0:
+            left -= os.write(fd, block[:min(left, len(block))])
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seq_workloads(ctx: Context) -> None:
+    size = ctx.sizes.seq_bytes
+    block = ctx.rng.randbytes(SEQ_BLOCK)
+    path = ctx.dir / "seq.bin"
+    with Stopwatch() as sw:
+        write_file(path, size, block)
+    ctx.results["seq_write"] = size / MiB / sw.elapsed
+
+    ctx.target.make_cold()
+    path = ctx.dir / "seq.bin"
+    with Stopwatch() as sw:
+        fd = os.open(path, os.O_RDONLY)
+        got = 0
+        try:
+            while chunk := os.read(fd, SEQ_BLOCK):
+                got += len(chunk)
+        finally:
+            os.close(fd)
+    if got != size:
+        raise BenchError(f"seq_read read {got} bytes of {size}")
+    ctx.results["seq_read"] = size / MiB / sw.elapsed
+    os.unlink(path)
+
+
+def rand_workloads(ctx: Context) -> None:
+    size = ctx.sizes.rand_file_bytes
+    path = ctx.dir / "rand.bin"
+    write_file(path, size, ctx.rng.randbytes(SEQ_BLOCK))
+    blocks = size // RAND_BLOCK
+    offsets = [ctx.rng.randrange(blocks) * RAND_BLOCK for _ in range(ctx.sizes.rand_ops)]
+    cap = ctx.sizes.op_time_cap
+
+    ctx.target.make_cold()
+    fd = os.open(ctx.dir / "rand.bin", os.O_RDONLY)
+    try:
+        with Stopwatch() as sw:
+            done = timed_loop(offsets, cap, lambda off: check_len(os.pread(fd, RAND_BLOCK, off)))
+    finally:
+        os.close(fd)
+    ctx.results["rand_read_4k"] = done / sw.elapsed
+
+    block = ctx.rng.randbytes(RAND_BLOCK)
+    fd = os.open(ctx.dir / "rand.bin", os.O_WRONLY)
+    try:
+        with Stopwatch() as sw:
+            done = timed_loop(offsets, cap, lambda off: os.pwrite(fd, block, off))
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    ctx.results["rand_write_4k"] = done / sw.elapsed
+    os.unlink(ctx.dir / "rand.bin")
+
+
+def check_len(data: bytes) -> None:
+    if len(data) != RAND_BLOCK:
+        raise BenchError(f"a 4 KiB random read returned {len(data)} bytes")
+
+
+def timed_loop(items: list, cap: float, op: Callable[[object], object]) -> int:
+    """Run op over items until done or `cap` seconds passed; returns how many ran."""
+    deadline = time.perf_counter() + cap
+    for i, item in enumerate(items):
+        op(item)
+        if i % 64 == 63 and time.perf_counter() > deadline:
+            return i + 1
+    return len(items)
+
+
+def small_file_workloads(ctx: Context) -> None:
+    n = ctx.sizes.small_files
+    top = ctx.dir / "small"
+    top.mkdir()
+    names = [top / f"f{i:05d}" for i in range(n)]
+    payload = ctx.rng.randbytes(SMALL_FILE_BYTES)
+
+    with Stopwatch() as sw:
+        for path in names:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, payload)
+            os.close(fd)
+    ctx.results["small_create"] = n / sw.elapsed
+
+    with Stopwatch() as sw:
+        for path in names:
+            if os.stat(path).st_size != SMALL_FILE_BYTES:
+                raise BenchError(f"{path.name} has the wrong size")
+    ctx.results["small_stat"] = n / sw.elapsed
+
+    ctx.target.make_cold()
+    with Stopwatch() as sw:
+        for path in names:
+            fd = os.open(path, os.O_RDONLY)
+            data = os.read(fd, 2 * SMALL_FILE_BYTES)
+            os.close(fd)
+            if data != payload:
+                raise BenchError(f"{path.name} read back different bytes")
+    ctx.results["small_read"] = n / sw.elapsed
+
+    renamed = [top / f"g{i:05d}" for i in range(n)]
+    with Stopwatch() as sw:
+        for src, dst in zip(names, renamed, strict=True):
+            os.rename(src, dst)
+    ctx.results["small_rename"] = n / sw.elapsed
+
+    with Stopwatch() as sw:
+        for path in renamed:
+            os.unlink(path)
+    ctx.results["small_unlink"] = n / sw.elapsed
+    top.rmdir()
+
+
+def append_workload(ctx: Context) -> None:
+    n = ctx.sizes.appends
+    block = ctx.rng.randbytes(4 * KiB)
+    path = ctx.dir / "append.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        with Stopwatch() as sw:
+            for _ in range(n):
+                os.write(fd, block)
+                os.fsync(fd)
+    finally:
+        os.close(fd)
+    if os.stat(path).st_size != n * len(block):
+        raise BenchError("append_fsync: the file has the wrong size")
+    ctx.results["append_fsync"] = n / sw.elapsed
+    os.unlink(path)
+
+
+def rocksdb_workloads(ctx: Context) -> None:
+    try:
+        from rocksdict import Options, Rdict, WriteOptions
+    except ImportError:
+        raise BenchError("rocksdict is missing: TDEFS_EXTRAS=test,bench scripts/setup") from None
+
+    def fill(name: str, count: int, sync: bool) -> float:
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        keys = ctx.rng.randbytes(KV_KEY_BYTES * count)
+        values = ctx.rng.randbytes(KV_VALUE_BYTES * 64)
+        write_options = WriteOptions()
+        write_options.sync = sync
+        db = Rdict(str(ctx.dir / name), options)
+        try:
+            put = db.put
+            step = KV_KEY_BYTES
+            with Stopwatch() as sw:
+                for i in range(count):
+                    v = (i % 64) * KV_VALUE_BYTES
+                    put(keys[i * step:(i + 1) * step], values[v:v + KV_VALUE_BYTES],
+                        write_options)
+        finally:
+            db.close()
+        return count / sw.elapsed
+
+    ctx.results["rocksdb_fill"] = fill("rocksdb-fill", ctx.sizes.kv_keys, sync=False)
+    ctx.results["rocksdb_fill_sync"] = fill("rocksdb-sync", ctx.sizes.kv_synced_keys, sync=True)
+
+
+WORKLOADS: dict[str, tuple[Callable[[Context], None], tuple[str, ...]]] = {
+    "seq": (seq_workloads, ("seq_write", "seq_read")),
+    "rand": (rand_workloads, ("rand_read_4k", "rand_write_4k")),
+    "small": (small_file_workloads,
+              ("small_create", "small_stat", "small_read", "small_rename", "small_unlink")),
+    "append": (append_workload, ("append_fsync",)),
+    "rocksdb": (rocksdb_workloads, ("rocksdb_fill", "rocksdb_fill_sync")),
+}
+
+
+# ---------------------------------------------------------------------------
+# reporting
+
+
+def fmt_value(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}"
+
+
+def fmt_ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def verdict(row: Row, results: dict[str, dict[str, float]]) -> tuple[str, str]:
+    """(target text, PASS/MISS/n/a) for one row."""
+    if row.versus is None:
+        return "-", ""
+    goal = f">= {row.factor:g} x {row.versus}"
+    mine = results.get("tdefs", {}).get(row.name)
+    peer = results.get(row.versus, {}).get(row.name)
+    if mine is None or peer is None:
+        return goal, "n/a"
+    return goal, "PASS" if mine >= row.factor * peer else "MISS"
+
+
+def print_table(results: dict[str, dict[str, float]], rows: list[Row],
+                peak_rss: float | None) -> list[dict]:
+    header = ("workload", "unit", "raw", "tdefs", "tdefs/raw", "gocryptfs",
+              "tdefs/gocryptfs", "target", "result")
+    lines, records = [], []
+    for row in rows:
+        raw = results.get("raw", {}).get(row.name)
+        mine = results.get("tdefs", {}).get(row.name)
+        peer = results.get("gocryptfs", {}).get(row.name)
+        goal, outcome = verdict(row, results)
+        lines.append((row.name, row.unit, fmt_value(raw), fmt_value(mine), fmt_ratio(mine, raw),
+                      fmt_value(peer), fmt_ratio(mine, peer), goal, outcome))
+        records.append({"workload": row.name, "unit": row.unit, "raw": raw, "tdefs": mine,
+                        "gocryptfs": peer, "target": goal, "result": outcome})
+    if "tdefs" in results:
+        outcome = "n/a" if peak_rss is None else (
+            "PASS" if peak_rss < RSS_LIMIT_MIB else "MISS")
+        lines.append((RSS_ROW, "MiB", "-", fmt_value(peak_rss), "-", "-", "-",
+                      f"< {RSS_LIMIT_MIB} MiB", outcome))
+        records.append({"workload": RSS_ROW, "unit": "MiB", "raw": None, "tdefs": peak_rss,
+                        "gocryptfs": None, "target": f"< {RSS_LIMIT_MIB} MiB",
+                        "result": outcome})
+    widths = [max(len(str(x[i])) for x in [header, *lines]) for i in range(len(header))]
+    print()
+    for i, line in enumerate([header, *lines]):
+        cells = [str(c).ljust(w) if j < 2 or j >= 7 else str(c).rjust(w)
+                 for j, (c, w) in enumerate(zip(line, widths, strict=True))]
+        print("  ".join(cells).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    return records
+
+
+# ---------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench_fs",
+        description="Benchmark the tdefs mount against the raw disk and (optionally) gocryptfs.")
+    parser.add_argument("--size", type=parse_size,
+                        help="bytes for the sequential workloads (default 1G; 16M with --quick)")
+    parser.add_argument("--dir", type=Path,
+                        help="where to put backing dirs and mounts (default /tmp, or /var/tmp "
+                             "when /tmp is in memory)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--only", default=",".join(WORKLOADS),
+                        help=f"comma-separated workload groups (default: {','.join(WORKLOADS)})")
+    parser.add_argument("--targets", default="raw,tdefs",
+                        help="comma-separated targets among raw,tdefs (default: raw,tdefs)")
+    parser.add_argument("--peers", default="",
+                        help="other encrypting filesystems to compare with: gocryptfs")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    args = parser.parse_args(argv)
+
+    def names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+        chosen = [n.strip() for n in text.split(",") if n.strip()]
+        for n in chosen:
+            if n not in allowed:
+                parser.error(f"unknown {what} {n!r} (choose from {', '.join(allowed)})")
+        return chosen
+
+    args.only = names(args.only, tuple(WORKLOADS), "workload")
+    args.targets = names(args.targets, ("raw", "tdefs"), "target")
+    args.targets += [p for p in names(args.peers, ("gocryptfs",), "peer")
+                     if p not in args.targets]
+    if not args.only or not args.targets:
+        parser.error("nothing to run")
+    return args
+
+
+def sizes_for(args: argparse.Namespace) -> Sizes:
+    base = QUICK if args.quick else FULL
+    if args.size is None:
+        return base
+    return Sizes(**{**base.__dict__, "seq_bytes": args.size})
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def started_targets(root: Path, names: list[str]) -> Iterator[dict[str, Target]]:
+    targets: dict[str, Target] = {}
+    try:
+        for name in names:
+            target = TARGET_CLASSES[name](root / name)
+            targets[name] = target
+            t0 = time.perf_counter()
+            target.start()
+            print(f"  {name:<10} ready in {target.workdir} ({time.perf_counter() - t0:.2f} s)",
+                  flush=True)
+        yield targets
+    finally:
+        for target in targets.values():
+            target.stop()
+
+
+def bench(args: argparse.Namespace) -> int:
+    sizes = sizes_for(args)
+    base = args.dir if args.dir is not None else default_base_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="tdefs-bench-", dir=base))
+    print(f"bench_fs: work dir {root} ({filesystem_type(root)}), targets "
+          f"{', '.join(args.targets)}, workloads {', '.join(args.only)}, "
+          f"sequential {sizes.seq_bytes / MiB:.0f} MiB", flush=True)
+    if not drop_page_cache():
+        print("bench_fs: cannot drop the page cache (not root): cold reads only remount",
+              flush=True)
+    results: dict[str, dict[str, float]] = {name: {} for name in args.targets}
+    failures: list[str] = []
+    try:
+        with started_targets(root, args.targets) as targets, \
+                RssSampler(targets.get("tdefs")) as rss:
+            for group in args.only:
+                func, row_names = WORKLOADS[group]
+                for name, target in targets.items():
+                    ctx = Context(target, sizes, random.Random(f"{args.seed}-{group}"))
+                    t0 = time.perf_counter()
+                    try:
+                        func(ctx)
+                    except (OSError, BenchError) as exc:
+                        failures.append(f"{group} on {name}: {exc}")
+                        print(f"  {group:<8} {name:<10} FAILED: {exc}", flush=True)
+                        if name != "raw" and isinstance(target, FuseTarget) \
+                                and not is_mounted(target.mountpoint):
+                            raise BenchError(f"{name} is no longer mounted") from exc
+                        continue
+                    results[name].update(ctx.results)
+                    figures = "  ".join(
+                        f"{r} {fmt_value(ctx.results[r])}"
+                        + (f" ({fmt_ratio(ctx.results[r], results['raw'].get(r))} x raw)"
+                           if name != "raw" and "raw" in results else "")
+                        for r in row_names if r in ctx.results)
+                    print(f"  {group:<8} {name:<10} {figures}  [{time.perf_counter() - t0:.1f} s]",
+                          flush=True)
+            peak = rss.peak / MiB if rss.samples else None
+    finally:
+        if args.keep:
+            print(f"bench_fs: kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    chosen_rows = [row for group in args.only for row in ROWS if row.name in WORKLOADS[group][1]]
+    records = print_table(results, chosen_rows, peak)
+    if args.json:
+        args.json.write_text(json.dumps({"sizes": sizes.__dict__, "targets": args.targets,
+                                         "rows": records, "failures": failures}, indent=2))
+    for failure in failures:
+        print(f"bench_fs: error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        return bench(args)
+    except BenchError as exc:
+        print(f"bench_fs: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench_fs: interrupted; everything unmounted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
