@@ -1,0 +1,722 @@
+"""db_bench-style throughput comparison of the lsmdb engine against RocksDB, LevelDB and SQLite.
+
+Each engine runs every workload in its own fresh child process, so its peak RSS is its
+own; the parent only orchestrates, samples memory and prints the tables. The workloads,
+their exact semantics per engine and how to run them are described in
+docs/benchmarks.md (section "bench_kv"); this file and that page must agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+ENGINES = ("lsmdb", "rocksdb", "leveldb", "sqlite")
+BASELINE = "rocksdb"
+WORKLOADS = (
+    "fillseq",
+    "fillrandom",
+    "fillbatch",
+    "overwrite",
+    "readrandom",
+    "readmissing",
+    "readseq",
+    "seekrandom",
+    "fillsync",
+)
+WRITE_WORKLOADS = ("fillseq", "fillrandom", "fillbatch", "overwrite", "fillsync")
+
+KEY_SIZE = 16
+VALUE_SIZE = 100
+BATCH_SIZE = 100
+SEEK_NEXTS = 10
+# A single foreground write slower than this counts as a stall.
+STALL_SECONDS = 0.010
+VALUE_POOL = 10007
+
+# Exit status of a child whose engine module is not installed: a skip, not a failure.
+EXIT_SKIP = 3
+
+INSTALL_HINT = {
+    "rocksdb": "install the bench extra: TDEFS_EXTRAS=test,bench scripts/setup",
+    "leveldb": (
+        "install the bench extra: TDEFS_EXTRAS=test,bench scripts/setup "
+        "(if pip has to build plyvel from source it needs the LevelDB headers: "
+        "apt-get install libleveldb-dev g++)"
+    ),
+    "lsmdb": "the engine package must import: .venv/bin/python -c 'import engine'",
+    "sqlite": "the Python build lacks the sqlite3 module",
+}
+
+
+class EngineMissing(Exception):
+    """The engine's Python module cannot be imported on this machine."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def present_key(n: int) -> bytes:
+    """Key number n of the data set (even numbers, zero-padded to 16 bytes)."""
+    return b"%016d" % (2 * n)
+
+
+def missing_key(n: int) -> bytes:
+    """A 16-byte key that sorts between present keys n and n+1, never written."""
+    return b"%016d" % (2 * n + 1)
+
+
+def make_values(seed: int) -> list[bytes]:
+    """A pool of distinct 100-byte values, each about half compressible (as in db_bench)."""
+    rng = random.Random(seed)
+    half = VALUE_SIZE // 2
+    return [rng.randbytes(half) + bytes([65 + i % 26]) * (VALUE_SIZE - half) for i in range(VALUE_POOL)]
+
+
+def permutation(n: int, seed: int) -> array:
+    """Every number below n exactly once, in a seeded random order (4 bytes per entry)."""
+    order = array("I", range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+# ------------------------------------------------------------------------ engines
+
+
+class Adapter:
+    """One engine behind the few calls the workloads make.
+
+    Each attribute set by `open` is the engine's own bound method where the engine offers
+    one, so the measured loop pays for the engine and not for a wrapper layer.
+    """
+
+    name = ""
+    put: Callable[[bytes, bytes], object]
+    put_sync: Callable[[bytes, bytes], object]
+    get: Callable[[bytes], bytes | None]
+
+    def open(self, path: Path, sync_mode: bool = False) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def write_batch(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        raise NotImplementedError
+
+    def scan(self) -> Iterable[tuple[bytes, bytes]]:
+        raise NotImplementedError
+
+    def seek(self, key: bytes) -> Iterator[tuple[bytes, bytes]]:
+        raise NotImplementedError
+
+
+class LsmdbAdapter(Adapter):
+    name = "lsmdb"
+
+    def __init__(self) -> None:
+        try:
+            import engine
+        except ImportError as exc:
+            raise EngineMissing(f"cannot import engine: {exc}") from exc
+        if not hasattr(engine, "DB"):
+            raise EngineMissing("the engine package does not export DB yet")
+        self.mod = engine
+
+    def open(self, path: Path, sync_mode: bool = False) -> None:
+        self.db = self.mod.DB.open(str(path), self.mod.Options())
+        self.put = self.db.put
+        self.get = self.db.get
+        db_put = self.db.put
+
+        def put_sync(k: bytes, v: bytes) -> None:
+            db_put(k, v, sync=True)
+
+        self.put_sync = put_sync
+
+    def close(self) -> None:
+        self.db.close()
+
+    def write_batch(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        batch = self.mod.WriteBatch()
+        for k, v in pairs:
+            batch.put(k, v)
+        self.db.write(batch)
+
+    def scan(self) -> Iterable[tuple[bytes, bytes]]:
+        return self.db.iterator()
+
+    def seek(self, key: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self.db.iterator(lower=key))
+
+
+class RocksdbAdapter(Adapter):
+    name = "rocksdb"
+
+    def __init__(self) -> None:
+        try:
+            import rocksdict
+        except ImportError as exc:
+            raise EngineMissing(f"cannot import rocksdict: {exc}") from exc
+        self.mod = rocksdict
+
+    def open(self, path: Path, sync_mode: bool = False) -> None:
+        # raw_mode: keys and values are stored as given, not pickled.
+        opts = self.mod.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        self.db = self.mod.Rdict(str(path), opts)
+        self.put = self.db.put
+        self.get = self.db.get
+        sync = self.mod.WriteOptions()
+        sync.sync = True
+        db_put = self.db.put
+
+        def put_sync(k: bytes, v: bytes) -> None:
+            db_put(k, v, sync)
+
+        self.put_sync = put_sync
+
+    def close(self) -> None:
+        self.db.close()
+
+    def write_batch(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        batch = self.mod.WriteBatch(raw_mode=True)
+        for k, v in pairs:
+            batch.put(k, v)
+        self.db.write(batch)
+
+    def scan(self) -> Iterable[tuple[bytes, bytes]]:
+        return self.db.items()
+
+    def seek(self, key: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self.db.items(from_key=key))
+
+
+class LeveldbAdapter(Adapter):
+    name = "leveldb"
+
+    def __init__(self) -> None:
+        try:
+            import plyvel
+        except ImportError as exc:
+            raise EngineMissing(f"cannot import plyvel: {exc}") from exc
+        self.mod = plyvel
+
+    def open(self, path: Path, sync_mode: bool = False) -> None:
+        self.db = self.mod.DB(str(path), create_if_missing=True)
+        self.put = self.db.put
+        self.get = self.db.get
+        db_put = self.db.put
+
+        def put_sync(k: bytes, v: bytes) -> None:
+            db_put(k, v, sync=True)
+
+        self.put_sync = put_sync
+
+    def close(self) -> None:
+        self.db.close()
+
+    def write_batch(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        with self.db.write_batch() as batch:
+            for k, v in pairs:
+                batch.put(k, v)
+
+    def scan(self) -> Iterable[tuple[bytes, bytes]]:
+        return self.db.iterator()
+
+    def seek(self, key: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return self.db.iterator(start=key)
+
+
+class SqliteAdapter(Adapter):
+    """SQLite in WAL mode: one WITHOUT ROWID table, one transaction per put.
+
+    synchronous=NORMAL in WAL mode writes each commit to the WAL without fsync, the same
+    promise as an LSM put with sync=False (survives a process crash, not a power cut);
+    fillsync switches to synchronous=FULL, one fsync per commit, like put(sync=True).
+    """
+
+    name = "sqlite"
+
+    def __init__(self) -> None:
+        try:
+            import sqlite3
+        except ImportError as exc:
+            raise EngineMissing(f"cannot import sqlite3: {exc}") from exc
+        self.mod = sqlite3
+
+    def open(self, path: Path, sync_mode: bool = False) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: autocommit, so every INSERT is its own transaction.
+        self.conn = self.mod.connect(str(path / "kv.sqlite"), isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={'FULL' if sync_mode else 'NORMAL'}")
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"
+        )
+        execute = self.conn.execute
+        insert = "INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)"
+        select = "SELECT v FROM kv WHERE k = ?"
+
+        def put(k: bytes, v: bytes) -> None:
+            execute(insert, (k, v))
+
+        def get(k: bytes) -> bytes | None:
+            row = execute(select, (k,)).fetchone()
+            return None if row is None else row[0]
+
+        self.put = put
+        self.put_sync = put
+        self.get = get
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def write_batch(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        self.conn.execute("BEGIN")
+        self.conn.executemany("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", pairs)
+        self.conn.execute("COMMIT")
+
+    def scan(self) -> Iterable[tuple[bytes, bytes]]:
+        return self.conn.execute("SELECT k, v FROM kv ORDER BY k")
+
+    def seek(self, key: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return iter(
+            self.conn.execute(
+                "SELECT k, v FROM kv WHERE k >= ? ORDER BY k LIMIT ?", (key, SEEK_NEXTS + 1)
+            )
+        )
+
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    "lsmdb": LsmdbAdapter,
+    "rocksdb": RocksdbAdapter,
+    "leveldb": LeveldbAdapter,
+    "sqlite": SqliteAdapter,
+}
+
+
+# ---------------------------------------------------------------------- workloads
+
+
+class Result:
+    """One workload's measurement: ops, seconds, bytes moved, worst single-op latency."""
+
+    def __init__(self, ops: int, seconds: float, nbytes: int, worst: float = 0.0, stalls: int = 0):
+        self.ops = ops
+        self.seconds = seconds
+        self.nbytes = nbytes
+        self.worst = worst
+        self.stalls = stalls
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "ops": self.ops,
+            "seconds": self.seconds,
+            "bytes": self.nbytes,
+            "worst": self.worst,
+            "stalls": self.stalls,
+        }
+
+
+def timed_puts(put: Callable[[bytes, bytes], object], order: Iterable[int], values: list[bytes]) -> Result:
+    """Put key `order[i]`, timing every call; the latency bookkeeping is the same for all engines."""
+    clock = time.perf_counter
+    worst = 0.0
+    stalls = 0
+    ops = 0
+    start = prev = clock()
+    for i, n in enumerate(order):
+        put(b"%016d" % (2 * n), values[i % VALUE_POOL])
+        now = clock()
+        took = now - prev
+        if took > worst:
+            worst = took
+        if took > STALL_SECONDS:
+            stalls += 1
+        prev = now
+        ops += 1
+    return Result(ops, clock() - start, ops * (KEY_SIZE + VALUE_SIZE), worst, stalls)
+
+
+def timed_batches(adapter: Adapter, order: array, values: list[bytes]) -> Result:
+    clock = time.perf_counter
+    worst = 0.0
+    stalls = 0
+    write_batch = adapter.write_batch
+    start = prev = clock()
+    for base in range(0, len(order), BATCH_SIZE):
+        pairs = [
+            (b"%016d" % (2 * order[i]), values[i % VALUE_POOL])
+            for i in range(base, min(base + BATCH_SIZE, len(order)))
+        ]
+        write_batch(pairs)
+        now = clock()
+        took = now - prev
+        if took > worst:
+            worst = took
+        if took > STALL_SECONDS:
+            stalls += 1
+        prev = now
+    ops = len(order)
+    return Result(ops, clock() - start, ops * (KEY_SIZE + VALUE_SIZE), worst, stalls)
+
+
+def timed_gets(get: Callable[[bytes], bytes | None], keys: Iterable[bytes], expect_found: bool) -> Result:
+    clock = time.perf_counter
+    ops = 0
+    found = 0
+    nbytes = 0
+    start = clock()
+    for key in keys:
+        value = get(key)
+        if value is not None:
+            found += 1
+            nbytes += len(key) + len(value)
+        ops += 1
+    seconds = clock() - start
+    want = ops if expect_found else 0
+    if found != want:
+        raise RuntimeError(f"found {found} of {ops} keys, expected {want}")
+    return Result(ops, seconds, nbytes)
+
+
+def db_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def run_engine(adapter: Adapter, root: Path, num: int, reads: int, seeks: int, sync_num: int,
+               seed: int, report: Callable[[str, Result], None]) -> dict:
+    """Every workload in order on one engine; returns the JSON-able results."""
+    values = make_values(seed)
+    rewrites = [v[::-1] for v in values]
+    results: dict[str, dict] = {}
+
+    def record(name: str, result: Result) -> None:
+        results[name] = result.as_dict()
+        report(name, result)
+
+    # fillseq: a fresh DB, keys in ascending order.
+    path = fresh(root / "fillseq")
+    adapter.open(path)
+    record("fillseq", timed_puts(adapter.put, range(num), values))
+    adapter.close()
+    shutil.rmtree(path)
+
+    # fillrandom: a fresh DB, every key once in random order.
+    path = fresh(root / "fillrandom")
+    order = permutation(num, seed + 1)
+    adapter.open(path)
+    record("fillrandom", timed_puts(adapter.put, order, values))
+    adapter.close()
+    shutil.rmtree(path)
+
+    # fillbatch: a fresh DB, the same in atomic batches of 100; overwrite then rewrites
+    # every key of it, in another random order, and the reads run on the result.
+    path = fresh(root / "main")
+    order = permutation(num, seed + 2)
+    adapter.open(path)
+    record("fillbatch", timed_batches(adapter, order, values))
+    order = permutation(num, seed + 3)
+    record("overwrite", timed_puts(adapter.put, order, rewrites))
+    adapter.close()
+
+    # Reads run on a freshly reopened DB: nothing left in a memtable from the writes.
+    adapter.open(path)
+    order = permutation(num, seed + 4)
+    if reads < num:
+        order = order[:reads]
+    record("readrandom", timed_gets(adapter.get, (present_key(n) for n in order), True))
+    order = permutation(num, seed + 5)
+    if reads < num:
+        order = order[:reads]
+    record("readmissing", timed_gets(adapter.get, (missing_key(n) for n in order), False))
+
+    clock = time.perf_counter
+    start = clock()
+    count = 0
+    nbytes = 0
+    for k, v in adapter.scan():
+        count += 1
+        nbytes += len(k) + len(v)
+    seconds = clock() - start
+    if count != num:
+        raise RuntimeError(f"readseq saw {count} keys, expected {num}")
+    record("readseq", Result(count, seconds, nbytes))
+
+    order = permutation(num, seed + 6)[:seeks]
+    seek = adapter.seek
+    islice = itertools.islice
+    start = clock()
+    nbytes = 0
+    for n in order:
+        want = present_key(n)
+        first = True
+        for k, v in islice(seek(want), SEEK_NEXTS + 1):
+            if first and k != want:
+                raise RuntimeError(f"seek({want!r}) landed on {k!r}")
+            first = False
+            nbytes += len(k) + len(v)
+    record("seekrandom", Result(len(order), clock() - start, nbytes))
+    adapter.close()
+    disk = db_size(path)
+    shutil.rmtree(path)
+
+    # fillsync: a fresh DB, every put durable (fsync) before it returns.
+    path = fresh(root / "fillsync")
+    adapter.open(path, sync_mode=True)
+    record("fillsync", timed_puts(adapter.put_sync, permutation(sync_num, seed + 7), values))
+    adapter.close()
+    shutil.rmtree(path)
+
+    return {"results": results, "disk": disk}
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """Run in the per-engine child: all workloads, progress on stdout, results to --result."""
+    name = args.child
+    try:
+        adapter = ADAPTERS[name]()
+    except EngineMissing as exc:
+        Path(args.result).write_text(json.dumps({"skip": str(exc)}))
+        return EXIT_SKIP
+    root = Path(args.dir) / name
+    root.mkdir(parents=True, exist_ok=True)
+
+    def report(workload: str, r: Result) -> None:
+        rate = r.ops / r.seconds if r.seconds else 0.0
+        print(f"  {name:8} {workload:12} {rate:>12,.0f} ops/s  {r.nbytes / r.seconds / 1e6 if r.seconds else 0:8.1f} MB/s"
+              f"  ({r.ops:,} ops in {r.seconds:.2f} s)", flush=True)
+
+    try:
+        out = run_engine(adapter, root, args.num, args.reads, args.seeks, args.sync_num,
+                         args.seed, report)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["maxrss"] = usage.ru_maxrss * 1024
+    Path(args.result).write_text(json.dumps(out))
+    return 0
+
+
+# ------------------------------------------------------------------------ parent
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_child(name: str, args: argparse.Namespace, result_file: Path) -> dict:
+    """One engine in a fresh interpreter; returns its results plus peak RSS and wall time.
+
+    Peak RSS is the larger of the child's own ru_maxrss and the sampled sum over the child
+    and any processes it starts, so work moved to helper processes is still counted.
+    """
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--child", name,
+        "--num", str(args.num), "--reads", str(args.reads), "--seeks", str(args.seeks),
+        "--sync-num", str(args.sync_num), "--seed", str(args.seed), "--dir", str(args.dir),
+        "--result", str(result_file),
+    ]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss(proc.pid))
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    done.set()
+    sampler.join()
+    wall = time.monotonic() - start
+    try:
+        payload = json.loads(result_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        payload = {}
+    finally:
+        result_file.unlink(missing_ok=True)
+    if proc.returncode == EXIT_SKIP and "skip" in payload:
+        return {"skip": payload["skip"]}
+    if proc.returncode != 0 or "results" not in payload:
+        return {"error": f"exit status {proc.returncode}"}
+    payload["rss"] = max(peak, usage.ru_maxrss * 1024, payload.get("maxrss", 0))
+    payload["wall"] = wall
+    return payload
+
+
+def fmt_rate(x: float) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
+
+
+def fmt_bytes(x: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.0f} B"
+
+
+def print_tables(engines: list[str], runs: dict[str, dict]) -> None:
+    ok = [e for e in engines if "results" in runs[e]]
+    base = runs.get(BASELINE, {}).get("results")
+    col = 30
+    print()
+    print("Throughput: ops/s, MB/s, and the ratio to RocksDB (x)")
+    print(f"{'workload':12}" + "".join(f"{e:>{col}}" for e in ok))
+    for w in WORKLOADS:
+        cells = []
+        for e in ok:
+            r = runs[e]["results"].get(w)
+            if r is None or not r["seconds"]:
+                cells.append(f"{'-':>{col}}")
+                continue
+            rate = r["ops"] / r["seconds"]
+            mbs = r["bytes"] / r["seconds"] / 1e6
+            ratio = "n/a"
+            if base and w in base and base[w]["seconds"]:
+                ratio = f"{rate / (base[w]['ops'] / base[w]['seconds']):.2f}x"
+            cells.append(f"{fmt_rate(rate) + ' ops/s':>14} {mbs:6.1f} MB/s {ratio:>6}")
+        print(f"{w:12}" + "".join(f"{c:>{col}}" for c in cells))
+
+    print()
+    print("Write stalls: worst single write (ms) / writes slower than "
+          f"{STALL_SECONDS * 1000:.0f} ms")
+    print(f"{'workload':12}" + "".join(f"{e:>{col}}" for e in ok))
+    for w in WRITE_WORKLOADS:
+        cells = []
+        for e in ok:
+            r = runs[e]["results"].get(w)
+            cells.append("-" if r is None else f"{r['worst'] * 1000:.1f} ms / {r['stalls']}")
+        print(f"{w:12}" + "".join(f"{c:>{col}}" for c in cells))
+
+    print()
+    print("Resources")
+    print(f"{'':12}" + "".join(f"{e:>{col}}" for e in ok))
+    print(f"{'peak RSS':12}" + "".join(f"{fmt_bytes(runs[e]['rss']):>{col}}" for e in ok))
+    print(f"{'disk size':12}" + "".join(f"{fmt_bytes(runs[e]['disk']):>{col}}" for e in ok))
+    print(f"{'wall time':12}" + "".join(f"{runs[e]['wall']:>{col - 2}.1f} s" for e in ok))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="bench_kv",
+        description="db_bench-style workloads on lsmdb, RocksDB, LevelDB and SQLite "
+        "(see docs/benchmarks.md, section bench_kv)",
+    )
+    ap.add_argument("--num", type=int, default=1_000_000, help="keys in the data set (default 1000000)")
+    ap.add_argument("--reads", type=int, default=None,
+                    help="lookups for readrandom and readmissing (default: --num)")
+    ap.add_argument("--seeks", type=int, default=None,
+                    help="seeks for seekrandom, each followed by 10 next (default: --num / 10)")
+    ap.add_argument("--sync-num", type=int, default=None,
+                    help="puts for fillsync (default: --num / 100, within 1000..10000)")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help=f"comma-separated subset of {','.join(ENGINES)} (default: all)")
+    ap.add_argument("--dir", default=str(REPO / "bench-out" / "kv"),
+                    help="where the databases are created (default: bench-out/kv in the repository)")
+    ap.add_argument("--seed", type=int, default=20261122, help="seed for key orders and values")
+    ap.add_argument("--json", metavar="FILE", help="also write all figures to FILE as JSON")
+    ap.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.num < 1:
+        ap.error("--num must be at least 1")
+    if args.reads is None:
+        args.reads = args.num
+    if args.seeks is None:
+        args.seeks = max(1, args.num // 10)
+    if args.sync_num is None:
+        args.sync_num = min(10_000, max(1_000, args.num // 100))
+    if min(args.reads, args.seeks, args.sync_num) < 1:
+        ap.error("--reads, --seeks and --sync-num must be at least 1")
+    args.reads = min(args.reads, args.num)
+    args.seeks = min(args.seeks, args.num)
+    names = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in names if e not in ENGINES]
+    if unknown or not names:
+        ap.error(f"--engines: unknown engine {', '.join(unknown) or '(none given)'}; "
+                 f"choose from {','.join(ENGINES)}")
+    args.engine_list = list(dict.fromkeys(names))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.child:
+        return child_main(args)
+    try:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"bench_kv: error: cannot create --dir {args.dir}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"bench_kv: {args.num:,} keys of {KEY_SIZE} B, values of {VALUE_SIZE} B; "
+          f"{args.reads:,} reads, {args.seeks:,} seeks (+{SEEK_NEXTS} next), "
+          f"{args.sync_num:,} synced puts; engines {','.join(args.engine_list)}; dir {args.dir}",
+          flush=True)
+    runs: dict[str, dict] = {}
+    failed = []
+    for name in args.engine_list:
+        print(f"{name}:", flush=True)
+        run = run_child(name, args, Path(args.dir) / f"{name}.result.json")
+        runs[name] = run
+        if "skip" in run:
+            print(f"  {name}: skipped — {run['skip']}; {INSTALL_HINT[name]}", flush=True)
+        elif "error" in run:
+            print(f"  {name}: FAILED ({run['error']}); see the error above", flush=True)
+            failed.append(name)
+    if BASELINE not in runs or "results" not in runs[BASELINE]:
+        print(f"bench_kv: note: {BASELINE} did not run, ratios are n/a", flush=True)
+    print_tables(args.engine_list, runs)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
+                                               "runs": runs}, indent=2))
+    if failed:
+        print(f"bench_kv: error: {', '.join(failed)} failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
