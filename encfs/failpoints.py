@@ -1,0 +1,79 @@
+"""Named failpoints between the steps of every crash-ordered operation.
+
+Armed only by the environment variable ``TDEFS_FAILPOINTS`` read at import, e.g.
+``TDEFS_FAILPOINTS="rename.after-intent=crash,create.after-new=error"``. Actions:
+``crash`` ends the process at once with ``os._exit(CRASH_EXIT_CODE)`` (no cleanup, no
+flush of Python buffers: what the kernel already has is what survives), ``error``
+raises ``OSError(EIO)``. When the variable is unset, ``failpoint`` is a function that
+returns at once and ``ARMED`` is False, so call sites cost one call.
+
+``FAILPOINTS`` lists every name used in the code; a test keeps it honest.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+ENV_VAR = "TDEFS_FAILPOINTS"
+CRASH_EXIT_CODE = 137
+
+FAILPOINTS: tuple[str, ...] = (
+    # Vault operations (encfs/vault.py), between their steps
+    "create.after-new",  # entry durable, file not created yet
+    "unlink.after-unlink",  # file removed, delete record not written
+    "rename.after-intent",  # intent durable, rename not done
+    "rename.after-rename",  # renamed, commit record not written
+    "rename.after-commit",  # commit written, not yet synced
+    "link.after-new",  # entry for the new name durable, link not made
+    "truncate.after-truncate",  # truncated to zero, fresh-IV entry not written
+    "init.before-publish",  # vault metadata written, not yet renamed into place
+    # files.dict (encfs/filedict.py)
+    "dict.append.mid-write",  # half a record written
+    "dict.append.after-write",  # record written, not synced
+    "dict.rewrite.mid-tmp",  # half the snapshot written to the tmp file
+    "dict.rewrite.after-tmp",  # snapshot complete and synced, not renamed
+    "dict.rewrite.after-rename",  # renamed over the log, directory not synced
+    # keys.dict (encfs/keystore.py)
+    "keys.replace.mid-tmp",
+    "keys.replace.after-tmp",
+    "keys.replace.after-rename",
+)
+
+_ACTIONS = ("crash", "error")
+
+
+def _parse(spec: str) -> dict[str, str]:
+    armed: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, action = item.partition("=")
+        action = action or "crash"
+        if name not in FAILPOINTS:
+            raise ValueError(f"{ENV_VAR}: unknown failpoint {name!r}")
+        if action not in _ACTIONS:
+            raise ValueError(f"{ENV_VAR}: unknown action {action!r} for {name}")
+        armed[name] = action
+    return armed
+
+
+_armed = _parse(os.environ.get(ENV_VAR, ""))
+ARMED = bool(_armed)
+
+
+def _fire(name: str) -> None:
+    action = _armed.get(name)
+    if action is None:
+        return
+    if action == "crash":
+        os._exit(CRASH_EXIT_CODE)
+    raise OSError(errno.EIO, f"failpoint {name}")
+
+
+def _disarmed(name: str) -> None:
+    return None
+
+
+failpoint = _fire if ARMED else _disarmed
