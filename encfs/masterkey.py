@@ -1,0 +1,200 @@
+"""Master key backends: where the 32-byte master key that seals keys.dict comes from.
+
+Backends: a key file (64 hex digits; refused when group or others can read it, as ssh
+refuses loose private keys), a passphrase stretched with scrypt (salt and cost stored
+in keys.dict's header, from a file, an environment variable or the terminal), and
+``plaintext`` (a fixed all-zero key: tests only, it protects nothing). A source knows
+how to make the backend header of a new vault and how to derive the master key from
+an existing vault's header; it never writes anything except a generated key file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import os
+import secrets
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+from encfs.errors import TdefsError, VaultError, WrongMasterKey
+
+MASTER_KEY_SIZE = 32
+BACKENDS = ("key-file", "passphrase", "plaintext")
+
+# scrypt cost of new vaults: 32 MiB and about 0.1 s per derivation on a laptop core
+SCRYPT_N = 1 << 15
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_SALT_SIZE = 16
+
+
+def _describe_backend(kind: str) -> str:
+    return {
+        "key-file": "a key file (--key-file)",
+        "passphrase": "a passphrase (--passphrase-file, --passphrase-env or --passphrase)",
+        "plaintext": "the plaintext test key (--plaintext-key)",
+    }.get(kind, f"an unknown backend {kind!r}")
+
+
+def read_key_file(path: str | Path) -> bytes:
+    """Read a hex key file, refusing one that group or others can read or write."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise VaultError(f"key file {path} does not exist (tdefs init --generate-key makes one)") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise VaultError(f"key file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise VaultError(
+            f"key file {path} is accessible by group or others (mode {st.st_mode & 0o777:04o});"
+            f" run: chmod 600 {path}"
+        )
+    text = path.read_bytes().strip()
+    try:
+        key = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(key) != MASTER_KEY_SIZE:
+        raise VaultError(f"key file {path} must hold {MASTER_KEY_SIZE * 2} hex digits")
+    return key
+
+
+def generate_key_file(path: str | Path) -> None:
+    """Write a new random key file with mode 0600; refuses to overwrite one."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (secrets.token_bytes(MASTER_KEY_SIZE).hex() + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MasterKeySource:
+    """How to obtain the master key. Build with key_file(), passphrase() or plaintext()."""
+
+    def __init__(self, kind: str, *, path: Path | None = None, secret: bytes = b"",
+                 scrypt_n: int = SCRYPT_N) -> None:
+        if kind not in BACKENDS:
+            raise ValueError(f"unknown master key backend {kind!r}")
+        self.kind = kind
+        self.path = path
+        self._secret = secret
+        self._scrypt_n = scrypt_n
+
+    @classmethod
+    def key_file(cls, path: str | Path) -> MasterKeySource:
+        return cls("key-file", path=Path(path))
+
+    @classmethod
+    def passphrase(cls, secret: bytes, *, scrypt_n: int = SCRYPT_N) -> MasterKeySource:
+        """``scrypt_n`` is the cost used when this source makes a new vault."""
+        if not secret:
+            raise TdefsError("the passphrase is empty")
+        if scrypt_n < 2 or scrypt_n & (scrypt_n - 1):
+            raise ValueError("scrypt_n must be a power of two")
+        return cls("passphrase", secret=bytes(secret), scrypt_n=scrypt_n)
+
+    @classmethod
+    def plaintext(cls) -> MasterKeySource:
+        print("tdefs: warning: plaintext master key: the vault is not protected (tests only)",
+              file=sys.stderr)
+        return cls("plaintext")
+
+    def __repr__(self) -> str:
+        return f"MasterKeySource({self.kind!r})"
+
+    def new_header(self) -> dict[str, Any]:
+        """The backend part of a new keys.dict header (no secrets)."""
+        header: dict[str, Any] = {"backend": self.kind}
+        if self.kind == "passphrase":
+            header["kdf"] = {
+                "name": "scrypt",
+                "salt": secrets.token_bytes(SCRYPT_SALT_SIZE).hex(),
+                "n": self._scrypt_n,
+                "r": SCRYPT_R,
+                "p": SCRYPT_P,
+            }
+        return header
+
+    def derive(self, header: dict[str, Any], vault: str) -> bytes:
+        """The master key for a keys.dict whose header is ``header``."""
+        backend = header.get("backend")
+        if backend != self.kind:
+            raise WrongMasterKey(
+                f"vault {vault} is sealed with {_describe_backend(str(backend))},"
+                f" not {_describe_backend(self.kind)}"
+            )
+        if self.kind == "key-file":
+            assert self.path is not None
+            return read_key_file(self.path)
+        if self.kind == "plaintext":
+            return bytes(MASTER_KEY_SIZE)
+        kdf = header.get("kdf") or {}
+        try:
+            salt = bytes.fromhex(kdf["salt"])
+            n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
+        except (KeyError, TypeError, ValueError):
+            raise VaultError(f"vault {vault}: keys.dict has a malformed scrypt header") from None
+        if kdf.get("name") != "scrypt":
+            raise VaultError(f"vault {vault}: unknown key derivation {kdf.get('name')!r}")
+        return hashlib.scrypt(self._secret, salt=salt, n=n, r=r, p=p,
+                              maxmem=256 * n * r + (1 << 20), dklen=MASTER_KEY_SIZE)
+
+
+def add_key_options(parser: argparse.ArgumentParser) -> None:
+    """The mutually exclusive master key options every vault command takes."""
+    group = parser.add_argument_group("master key (exactly one)")
+    ex = group.add_mutually_exclusive_group(required=True)
+    ex.add_argument("--key-file", metavar="F", help="file holding the 32-byte key as hex (mode 0600)")
+    ex.add_argument("--passphrase-file", metavar="F", help="read the passphrase from file F")
+    ex.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase from variable VAR")
+    ex.add_argument("--passphrase", action="store_true", help="ask for the passphrase on the terminal")
+    ex.add_argument("--plaintext-key", action="store_true",
+                    help="a fixed, public master key: for tests only")
+
+
+def _strip_newline(secret: bytes) -> bytes:
+    if secret.endswith(b"\r\n"):
+        return secret[:-2]
+    if secret.endswith(b"\n"):
+        return secret[:-1]
+    return secret
+
+
+def source_from_args(args: argparse.Namespace, confirm: bool = False) -> MasterKeySource:
+    """Build the source the options name; ``confirm`` asks a terminal passphrase twice."""
+    if getattr(args, "key_file", None):
+        return MasterKeySource.key_file(args.key_file)
+    if getattr(args, "passphrase_file", None):
+        try:
+            secret = _strip_newline(Path(args.passphrase_file).read_bytes())
+        except OSError as exc:
+            raise TdefsError(f"cannot read passphrase file {args.passphrase_file}: {exc.strerror}") from None
+        if not secret:
+            raise TdefsError(f"passphrase file {args.passphrase_file} is empty")
+        return MasterKeySource.passphrase(secret)
+    if getattr(args, "passphrase_env", None):
+        value = os.environb.get(os.fsencode(args.passphrase_env))
+        if not value:
+            raise TdefsError(f"environment variable {args.passphrase_env} is unset or empty")
+        return MasterKeySource.passphrase(value)
+    if getattr(args, "passphrase", False):
+        try:
+            first = getpass.getpass("Passphrase: ")
+            if confirm and getpass.getpass("Repeat passphrase: ") != first:
+                raise TdefsError("the passphrases do not match")
+        except EOFError:
+            raise TdefsError("no passphrase given") from None
+        if not first:
+            raise TdefsError("the passphrase is empty")
+        return MasterKeySource.passphrase(first.encode())
+    if getattr(args, "plaintext_key", False):
+        return MasterKeySource.plaintext()
+    raise TdefsError("no master key given (use --key-file, --passphrase-file, --passphrase-env,"
+                     " --passphrase or --plaintext-key)")
