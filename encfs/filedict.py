@@ -1,0 +1,507 @@
+"""The key dictionary, ``.tdefs/files.dict``: backing path -> FileInfo(method, key_id, iv).
+
+An append-only log (byte layout in docs/vault-format.md): a header, then records
+``[length][length check][payload][MAC]``. Each MAC is HMAC-SHA256 under a key derived
+from the vault secret, over the previous record's MAC (the header's for the first
+record), the length and the payload, so a changed, dropped, reordered or forged record
+breaks the chain. A record holds one or more operations and is applied whole:
+
+- PUT(path, info) and DEL(path) change one entry;
+- BEGIN(txid, rule, src, src_ino) opens an intent: the record's remaining operations
+  are held pending until a later COMMIT(txid) applies them or ABORT(txid) drops them.
+  An intent left pending by a crash is resolved by the vault on open, by looking at
+  whether the rename it describes happened (see ``Pending.happened``).
+
+Invariants: the in-memory state always equals the replay of the records written so
+far; a record is either wholly in the log or (torn tail, only at the end) dropped on
+open and truncated away; ``sync(seq)`` returns only once record ``seq`` is durable,
+and concurrent callers share one fdatasync (group commit). When the log holds many
+more records than live entries it is rewritten as a snapshot with ``atomic_replace``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import os
+import secrets
+import struct
+import threading
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from encfs.errors import Corruption
+from encfs.failpoints import ARMED, failpoint
+from encfs.fsops import atomic_replace, write_all
+
+MAGIC = b"TDEFSFDL"
+VERSION = 1
+_HEADER_BODY = struct.Struct(">8sHHQ16s")  # magic, version, flags, generation, nonce
+HEADER_SIZE = _HEADER_BODY.size + 32  # + HMAC of the header body
+_REC_HEAD = struct.Struct(">II")  # payload length, crc32 of the 4 length bytes
+MAC_SIZE = 32
+MAX_RECORD = 1 << 28
+SNAPSHOT_OPS_PER_RECORD = 4096
+
+# operation codes
+PUT, DEL, BEGIN, COMMIT, ABORT = 1, 2, 3, 4, 5
+# intent resolution rules (see Pending.happened)
+RULE_SRC_GONE, RULE_SRC_REPLACED = 1, 2
+
+METHOD_CODES = {"plaintext": 0, "aes-128-ctr": 1, "aes-192-ctr": 2, "aes-256-ctr": 3, "sm4-ctr": 4}
+METHOD_NAMES = {v: k for k, v in METHOD_CODES.items()}
+
+_U16 = struct.Struct(">H")
+_PUT_TAIL = struct.Struct(">BI16s")  # method code, key id, iv
+_BEGIN_HEAD = struct.Struct(">QBQ")  # txid, rule, src inode
+_TX = struct.Struct(">Q")
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """How one backing file is encrypted."""
+
+    method: str
+    key_id: int
+    iv: bytes
+
+    def __repr__(self) -> str:
+        return f"FileInfo({self.method!r}, key={self.key_id}, iv={self.iv.hex()})"
+
+
+Op = tuple  # ("put", path, info) | ("del", path) | ("begin", ...) | ("commit", txid) | ("abort", txid)
+
+
+@dataclass
+class Pending:
+    """An intent waiting for its COMMIT or ABORT."""
+
+    txid: int
+    rule: int
+    src: bytes
+    src_ino: int
+    ops: list[Op] = field(default_factory=list)
+
+    def happened(self, root: Path) -> bool:
+        """Did the rename this intent describes reach the tree under ``root``?
+
+        RULE_SRC_GONE (plain rename): it happened iff ``src`` no longer exists.
+        RULE_SRC_REPLACED (exchange): both names exist before and after, so it
+        happened iff ``src`` is no longer the inode it was when the intent was made.
+        """
+        try:
+            st = os.lstat(os.path.join(bytes(root), self.src))
+        except FileNotFoundError:
+            return True
+        if self.rule == RULE_SRC_REPLACED:
+            return st.st_ino != self.src_ino
+        return False
+
+
+@dataclass
+class SalvageReport:
+    """What ``open(..., salvage=True)`` cut off a damaged log."""
+
+    offset: int
+    lost_bytes: int
+    lost_records: int
+    what: str
+    paths: list[bytes]
+
+
+# -- encoding ------------------------------------------------------------------------
+
+
+def _path_bytes(path: bytes) -> bytes:
+    if len(path) > 0xFFFF:
+        raise ValueError("path too long for files.dict")
+    return _U16.pack(len(path)) + path
+
+
+def encode_ops(ops: Iterable[Op]) -> bytes:
+    out = bytearray()
+    for op in ops:
+        kind = op[0]
+        if kind == "put":
+            info: FileInfo = op[2]
+            out.append(PUT)
+            out += _path_bytes(op[1])
+            out += _PUT_TAIL.pack(METHOD_CODES[info.method], info.key_id, info.iv)
+        elif kind == "del":
+            out.append(DEL)
+            out += _path_bytes(op[1])
+        elif kind == "begin":
+            _, txid, rule, src, src_ino = op
+            out.append(BEGIN)
+            out += _BEGIN_HEAD.pack(txid, rule, src_ino)
+            out += _path_bytes(src)
+        elif kind in ("commit", "abort"):
+            out.append(COMMIT if kind == "commit" else ABORT)
+            out += _TX.pack(op[1])
+        else:
+            raise ValueError(f"unknown operation {kind!r}")
+    return bytes(out)
+
+
+def decode_ops(payload: bytes) -> list[Op]:
+    """Parse a record payload; ValueError if it is malformed."""
+    ops: list[Op] = []
+    pos = 0
+    n = len(payload)
+
+    def path_at(p: int) -> tuple[bytes, int]:
+        if p + 2 > n:
+            raise ValueError("truncated path length")
+        (ln,) = _U16.unpack_from(payload, p)
+        if p + 2 + ln > n:
+            raise ValueError("truncated path")
+        return bytes(payload[p + 2 : p + 2 + ln]), p + 2 + ln
+
+    while pos < n:
+        code = payload[pos]
+        pos += 1
+        if code == PUT:
+            path, pos = path_at(pos)
+            if pos + _PUT_TAIL.size > n:
+                raise ValueError("truncated PUT")
+            mcode, key_id, iv = _PUT_TAIL.unpack_from(payload, pos)
+            pos += _PUT_TAIL.size
+            if mcode not in METHOD_NAMES:
+                raise ValueError(f"unknown method code {mcode}")
+            ops.append(("put", path, FileInfo(METHOD_NAMES[mcode], key_id, iv)))
+        elif code == DEL:
+            path, pos = path_at(pos)
+            ops.append(("del", path))
+        elif code == BEGIN:
+            if ops or pos + _BEGIN_HEAD.size > n:
+                raise ValueError("BEGIN not first in its record or truncated")
+            txid, rule, src_ino = _BEGIN_HEAD.unpack_from(payload, pos)
+            pos += _BEGIN_HEAD.size
+            if rule not in (RULE_SRC_GONE, RULE_SRC_REPLACED):
+                raise ValueError(f"unknown intent rule {rule}")
+            src, pos = path_at(pos)
+            ops.append(("begin", txid, rule, src, src_ino))
+        elif code in (COMMIT, ABORT):
+            if pos + _TX.size > n:
+                raise ValueError("truncated COMMIT/ABORT")
+            (txid,) = _TX.unpack_from(payload, pos)
+            pos += _TX.size
+            ops.append(("commit" if code == COMMIT else "abort", txid))
+        else:
+            raise ValueError(f"unknown operation code {code}")
+    if not ops:
+        raise ValueError("empty record")
+    return ops
+
+
+def _header(mac_key: bytes, generation: int) -> bytes:
+    body = _HEADER_BODY.pack(MAGIC, VERSION, 0, generation, secrets.token_bytes(16))
+    return body + hmac.new(mac_key, body, hashlib.sha256).digest()
+
+
+def _record(mac_key: bytes, prev_mac: bytes, payload: bytes) -> tuple[bytes, bytes]:
+    if len(payload) > MAX_RECORD:
+        raise ValueError("record too large")
+    n = struct.pack(">I", len(payload))
+    mac = hmac.new(mac_key, prev_mac + n + payload, hashlib.sha256).digest()
+    return _REC_HEAD.pack(len(payload), zlib.crc32(n)) + payload + mac, mac
+
+
+class FileDictionary:
+    """The in-memory key dictionary backed by its log. Thread-safe."""
+
+    def __init__(self, path: Path, mac_key: bytes, *, rewrite_min_records: int = 4096,
+                 rewrite_factor: int = 2) -> None:
+        self.path = path
+        self._mac_key = mac_key
+        self.entries: dict[bytes, FileInfo] = {}
+        self.pending: dict[int, Pending] = {}
+        self.rewrite_min_records = rewrite_min_records
+        self.rewrite_factor = rewrite_factor
+        self.dropped_tail = 0  # bytes of torn tail cut off on open
+        self.salvage: SalvageReport | None = None
+        self.generation = 0
+        self.records = 0  # records in the current log file
+        self.rewrites = 0
+        self._next_txid = 1
+        self._prev_mac = b""
+        self._size = 0
+        self._fd = -1
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._written = 0  # sequence number of the last record written
+        self._durable = 0  # records up to this sequence number are on disk
+        self._syncing = False
+
+    # -- opening -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, mac_key: bytes) -> None:
+        """Write an empty log (header only) to the new file ``path`` and fsync it."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            write_all(fd, _header(mac_key, 1))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def open(cls, path: str | Path, mac_key: bytes, *, salvage: bool = False,
+             read_only: bool = False, **tuning: int) -> FileDictionary:
+        """Replay the log. A torn last record is dropped (and, unless ``read_only``,
+        truncated away). Any other damage raises Corruption(path, offset), unless
+        ``salvage``: then the log is cut at the first bad record and ``.salvage`` says
+        what was lost."""
+        d = cls(Path(path), mac_key, **tuning)
+        d._replay(salvage)
+        if not read_only:
+            cut = d._size
+            d._fd = os.open(d.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            if os.fstat(d._fd).st_size != cut:
+                os.ftruncate(d._fd, cut)
+                os.fsync(d._fd)
+        return d
+
+    def _replay(self, salvage: bool) -> None:
+        data = self.path.read_bytes()
+        where = str(self.path)
+        if len(data) < HEADER_SIZE:
+            raise Corruption(where, 0, "file too short for a files.dict header")
+        body, mac = data[: _HEADER_BODY.size], data[_HEADER_BODY.size : HEADER_SIZE]
+        magic, version, _flags, generation, _nonce = _HEADER_BODY.unpack(body)
+        if magic != MAGIC:
+            raise Corruption(where, 0, "not a tdefs files.dict (bad magic)")
+        if version != VERSION:
+            raise Corruption(where, 8, f"unsupported files.dict version {version}")
+        if not hmac.compare_digest(mac, hmac.new(self._mac_key, body, hashlib.sha256).digest()):
+            raise Corruption(where, 0, "header MAC mismatch: damaged, or not the files.dict of this keys.dict")
+        self.generation = generation
+        prev = mac
+        pos = HEADER_SIZE
+        end = len(data)
+        while pos < end:
+            if end - pos < _REC_HEAD.size:
+                self.dropped_tail = end - pos  # torn inside the record header
+                break
+            n, check = _REC_HEAD.unpack_from(data, pos)
+            problem = None
+            if check != zlib.crc32(struct.pack(">I", n)) or n > MAX_RECORD:
+                problem = "bad record length"
+            elif pos + _REC_HEAD.size + n + MAC_SIZE > end:
+                self.dropped_tail = end - pos  # the last record was cut short
+                break
+            else:
+                start = pos + _REC_HEAD.size
+                payload = data[start : start + n]
+                stored = data[start + n : start + n + MAC_SIZE]
+                expect = hmac.new(self._mac_key, prev + struct.pack(">I", n) + payload,
+                                  hashlib.sha256).digest()
+                if not hmac.compare_digest(stored, expect):
+                    problem = "record MAC mismatch (damaged, reordered or forged record)"
+                else:
+                    try:
+                        ops = decode_ops(payload)
+                    except ValueError as exc:
+                        problem = f"malformed record ({exc})"
+            if problem is not None:
+                if not salvage:
+                    raise Corruption(where, pos, problem + "; tdefs fsck --repair salvages the log")
+                self.salvage = _describe_loss(data, pos, problem)
+                break
+            self._apply(ops)
+            prev = stored
+            pos = start + n + MAC_SIZE
+            self.records += 1
+        self._prev_mac = prev
+        self._size = pos
+
+    # -- reading -------------------------------------------------------------------
+
+    def get(self, path: bytes) -> FileInfo | None:
+        return self.entries.get(path)
+
+    def paths_under(self, prefix: bytes) -> list[bytes]:
+        """Entry paths strictly below directory ``prefix``."""
+        head = prefix + b"/"
+        with self._lock:
+            return [p for p in self.entries if p.startswith(head)]
+
+    def count_by_key(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        with self._lock:
+            for info in self.entries.values():
+                counts[info.key_id] = counts.get(info.key_id, 0) + 1
+        return counts
+
+    def referenced_keys(self) -> set[int]:
+        """Key ids used by any entry or any pending intent (never retire these)."""
+        with self._lock:
+            keys = {info.key_id for info in self.entries.values()}
+            for p in self.pending.values():
+                keys.update(op[2].key_id for op in p.ops if op[0] == "put")
+            return keys
+
+    # -- writing -------------------------------------------------------------------
+
+    def append(self, ops: Sequence[Op], *, sync: bool = True) -> int:
+        """Write one record holding ``ops`` and apply it; returns its sequence number.
+        With ``sync`` (the default) returns once the record is durable."""
+        payload = encode_ops(ops)
+        with self._lock:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, f"{self.path} is not open for writing")
+            rec, mac = _record(self._mac_key, self._prev_mac, payload)
+            try:
+                if ARMED:
+                    write_all(self._fd, rec[: len(rec) // 2])
+                    failpoint("dict.append.mid-write")
+                    write_all(self._fd, rec[len(rec) // 2 :])
+                else:
+                    write_all(self._fd, rec)
+            except BaseException:
+                # never leave a partial record in the middle of the log
+                os.ftruncate(self._fd, self._size)
+                raise
+            self._size += len(rec)
+            self._prev_mac = mac
+            self._apply(list(ops))
+            self.records += 1
+            self._written += 1
+            seq = self._written
+        failpoint("dict.append.after-write")
+        if sync:
+            self.sync(seq)
+        if self._should_rewrite():
+            self.rewrite()
+        return seq
+
+    def begin(self, rule: int, src: bytes, src_ino: int, ops: Sequence[Op]) -> int:
+        """Durably record an intent whose ``ops`` apply on COMMIT; returns its txid."""
+        with self._lock:
+            txid = self._next_txid
+            self._next_txid += 1
+        self.append([("begin", txid, rule, src, src_ino), *ops])
+        return txid
+
+    def sync(self, seq: int | None = None) -> None:
+        """Return once record ``seq`` (default: every record written) is durable.
+        One caller (the leader) runs fdatasync for everything written so far; others
+        arriving meanwhile wait and are covered by it or lead the next one."""
+        while True:
+            with self._cond:
+                target = self._written if seq is None else seq
+                if self._durable >= target:
+                    return
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                upto = self._written
+                fd = self._fd
+            ok = False
+            try:
+                os.fdatasync(fd)
+                ok = True
+            finally:
+                with self._cond:
+                    self._syncing = False
+                    if ok:
+                        self._durable = max(self._durable, upto)
+                    self._cond.notify_all()
+
+    def _should_rewrite(self) -> bool:
+        live = len(self.entries) + len(self.pending)
+        return self.records > self.rewrite_min_records and self.records > self.rewrite_factor * live
+
+    def rewrite(self) -> None:
+        """Replace the log with a snapshot of the live entries and pending intents."""
+        with self._cond:
+            while self._syncing:
+                self._cond.wait()
+            if self._fd < 0:
+                raise OSError(errno.EBADF, f"{self.path} is not open for writing")
+            generation = self.generation + 1
+            head = _header(self._mac_key, generation)
+            prev = head[_HEADER_BODY.size :]
+            parts = [head]
+            count = 0
+            items = [("put", p, i) for p, i in self.entries.items()]
+            for i in range(0, len(items), SNAPSHOT_OPS_PER_RECORD):
+                rec, prev = _record(self._mac_key, prev, encode_ops(items[i : i + SNAPSHOT_OPS_PER_RECORD]))
+                parts.append(rec)
+                count += 1
+            for p in self.pending.values():
+                ops = [("begin", p.txid, p.rule, p.src, p.src_ino), *p.ops]
+                rec, prev = _record(self._mac_key, prev, encode_ops(ops))
+                parts.append(rec)
+                count += 1
+            data = b"".join(parts)
+            atomic_replace(self.path, data, failpoint_prefix="dict.rewrite")
+            old = self._fd
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            os.close(old)
+            self.generation = generation
+            self._prev_mac = prev
+            self._size = len(data)
+            self.records = count
+            self.rewrites += 1
+            self._durable = self._written  # the snapshot holds every record and is synced
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.sync()
+            with self._cond:
+                os.close(self._fd)
+                self._fd = -1
+
+    # -- applying ------------------------------------------------------------------
+
+    def _apply(self, ops: list[Op]) -> None:
+        """Apply one record's operations to memory (caller holds the lock or replays)."""
+        if ops[0][0] == "begin":
+            _, txid, rule, src, src_ino = ops[0]
+            self.pending[txid] = Pending(txid, rule, src, src_ino, ops[1:])
+            self._next_txid = max(self._next_txid, txid + 1)
+            return
+        for op in ops:
+            kind = op[0]
+            if kind == "put":
+                self.entries[op[1]] = op[2]
+            elif kind == "del":
+                self.entries.pop(op[1], None)
+            elif kind == "commit":
+                p = self.pending.pop(op[1], None)
+                if p is not None:
+                    self._apply(p.ops)
+            elif kind == "abort":
+                self.pending.pop(op[1], None)
+            else:
+                raise ValueError(f"operation {kind!r} outside the start of a record")
+
+
+def _describe_loss(data: bytes, offset: int, problem: str) -> SalvageReport:
+    """Best effort: which paths do the records from ``offset`` on mention?"""
+    paths: list[bytes] = []
+    pos = offset
+    records = 0
+    while pos + _REC_HEAD.size <= len(data):
+        n, check = _REC_HEAD.unpack_from(data, pos)
+        if check != zlib.crc32(struct.pack(">I", n)) or pos + _REC_HEAD.size + n > len(data):
+            break
+        records += 1
+        try:
+            for op in decode_ops(data[pos + _REC_HEAD.size : pos + _REC_HEAD.size + n]):
+                if op[0] in ("put", "del"):
+                    paths.append(op[1])
+                elif op[0] == "begin":
+                    paths.append(op[3])
+        except ValueError:
+            pass
+        pos += _REC_HEAD.size + n + MAC_SIZE
+    if pos < len(data):
+        records += 1
+    return SalvageReport(offset, len(data) - offset, records, problem, sorted(set(paths)))
+
