@@ -1,0 +1,525 @@
+"""A vault: a backing directory whose file contents are encrypted, plus its metadata.
+
+This is the only code that changes both the key dictionary and the tree, and it does
+so in the crash-safe orders of DESIGN.md ("Operation order"):
+
+- create: durable PUT(path), then create the file;
+- unlink: remove the file, make that durable, then DEL(path);
+- rename (files, directories, RENAME_EXCHANGE, RENAME_NOREPLACE): a durable intent
+  carrying the whole after-state (every entry under a directory, in one record), the
+  rename, a directory fsync, then COMMIT. A crash before COMMIT is resolved on open
+  by looking at the tree (``filedict.Pending.happened``), so every path reads as it
+  was before the rename or as it is after it, including "rename tmp over CURRENT";
+- link: durable PUT(dst) = info(src), then link;
+- truncate_to_zero: truncate and fsync, then a fresh-IV PUT, so keystream is never
+  reused for a rewritten file.
+
+Invariants (DESIGN.md): an encrypted file always has its entry; an entry without a
+regular file is stale, ignored, and dropped on open (recovery) or when met; no crash
+leaves a file unreadable; a data key is never dropped while an entry uses it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from encfs.cipher import DEFAULT_METHOD, IV_SIZE, PLAINTEXT, FileCipher, check_method
+from encfs.errors import VaultError
+from encfs.failpoints import failpoint
+from encfs.filedict import (
+    RULE_SRC_GONE,
+    RULE_SRC_REPLACED,
+    FileDictionary,
+    FileInfo,
+    Op,
+)
+from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, fsync_dir, renameat2, write_all
+from encfs.keystore import KeyStore
+from encfs.masterkey import MasterKeySource
+
+META_DIR = ".tdefs"
+INIT_DIR = ".tdefs.init"  # where init builds the metadata before renaming it into place
+VAULT_JSON = "vault.json"
+KEYS_DICT = "keys.dict"
+FILES_DICT = "files.dict"
+FORMAT_VERSION = 1
+MAC_KEY_LABEL = b"tdefs files.dict mac v1"
+DEFAULT_OPTIONS: dict[str, Any] = {"rotation_period_days": 7, "reencrypt_rate_mb": 16}
+_CIPHER_CACHE_MAX = 1 << 16
+_STALE_PER_RECORD = 4096
+
+
+@dataclass
+class RecoveryReport:
+    """What opening the vault found and fixed (or, read-only, would fix)."""
+
+    committed: list[bytes] = field(default_factory=list)  # intents whose rename had happened
+    aborted: list[bytes] = field(default_factory=list)  # intents whose rename had not
+    stale: list[bytes] = field(default_factory=list)  # entries without a regular file
+    dropped_tail: int = 0  # bytes of torn last record cut off files.dict
+
+
+def _check_rel(rel: bytes) -> bytes:
+    if not isinstance(rel, bytes):
+        raise TypeError("vault paths are bytes")
+    if not rel or rel.startswith(b"/") or rel.endswith(b"/"):
+        raise ValueError(f"not a backing-relative path: {rel!r}")
+    parts = rel.split(b"/")
+    if any(p in (b"", b".", b"..") for p in parts):
+        raise ValueError(f"not a normalised backing-relative path: {rel!r}")
+    if parts[0] in (META_DIR.encode(), INIT_DIR.encode()):
+        raise PermissionError(errno.EPERM, "the vault's metadata is not accessible", rel.decode(errors="replace"))
+    return rel
+
+
+def _parent(rel: bytes) -> bytes:
+    return rel.rpartition(b"/")[0]
+
+
+class _ClassOrInstance:
+    """A method that is ``class_func`` on the class and ``instance_func`` on instances."""
+
+    def __init__(self, class_func: Any, instance_func: Any) -> None:
+        self._class_func = class_func
+        self._instance_func = instance_func
+        self.__doc__ = instance_func.__doc__
+
+    def __get__(self, obj: object, owner: type) -> Any:
+        if obj is None:
+            return self._class_func.__get__(None, owner)
+        return self._instance_func.__get__(obj, owner)
+
+
+class Vault:
+    """An open vault. Thread-safe; one process at a time (an exclusive flock)."""
+
+    def __init__(self, root: Path, lock_fd: int, config: dict[str, Any], keys: KeyStore,
+                 files: FileDictionary) -> None:
+        self.root = root
+        self._root_b = os.fsencode(root)
+        self._lock_fd = lock_fd
+        self.config = config
+        self.method: str = config["method"]
+        self.options: dict[str, Any] = config.get("options", {})
+        self.keys = keys
+        self.files = files
+        self.recovery = RecoveryReport()
+        keys.usage = files.count_by_key
+        self._ciphers: dict[FileInfo, FileCipher] = {}
+        # paths (and directory prefixes) inside an unfinished rename or truncate:
+        # cipher_for waits for them so it never returns a half-renamed answer
+        self._busy: dict[bytes, int] = {}
+        self._busy_cond = threading.Condition()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @classmethod
+    def create_vault(cls, backing: str | Path, source: MasterKeySource,
+                     method: str = DEFAULT_METHOD) -> Vault:
+        """Make a vault in ``backing`` (created if missing; existing files stay
+        plaintext). Refuses a non-empty ``.tdefs/``. A crash leaves no half vault."""
+        check_method(method)
+        root = Path(os.path.abspath(backing))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise VaultError(f"{root} exists and is not a directory") from None
+        if not root.is_dir():
+            raise VaultError(f"{root} is not a directory")
+        meta = root / META_DIR
+        if meta.is_symlink() or (meta.exists() and not meta.is_dir()):
+            raise VaultError(f"{meta} exists and is not a directory")
+        if meta.is_dir() and any(meta.iterdir()):
+            raise VaultError(f"{root} already holds a vault ({meta} is not empty)")
+        staging = root / INIT_DIR
+        if staging.exists():
+            shutil.rmtree(staging)  # left by an init that crashed before publishing
+        staging.mkdir(mode=0o700)
+        keys = KeyStore.create(staging / KEYS_DICT, source, method, vault=str(root))
+        FileDictionary.create(staging / FILES_DICT, keys.derive(MAC_KEY_LABEL))
+        config = {
+            "format": FORMAT_VERSION,
+            "method": method,
+            "options": dict(DEFAULT_OPTIONS),
+            "created": int(time.time()),
+        }
+        fd = os.open(staging / VAULT_JSON, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            write_all(fd, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(staging)
+        failpoint("init.before-publish")
+        os.rename(staging, meta)  # replaces an empty .tdefs/ too
+        fsync_dir(root)
+        return cls.open(root, source)
+
+    @classmethod
+    def open(cls, backing: str | Path, source: MasterKeySource, *, mode: str = "normal",
+             **tuning: int) -> Vault:
+        """Open a vault and recover it. ``mode``: "normal"; "check" (read-only: nothing
+        is written, ``recovery`` says what would be fixed); "repair" (like normal, but a
+        damaged files.dict is cut at its first bad record: see ``files.salvage``).
+
+        Raises WrongMasterKey (naming the vault) before touching any file, VaultError,
+        Corruption."""
+        if mode not in ("normal", "check", "repair"):
+            raise ValueError(f"unknown open mode {mode!r}")
+        root = Path(os.path.abspath(backing))
+        meta = root / META_DIR
+        try:
+            raw = (meta / VAULT_JSON).read_bytes()
+        except FileNotFoundError:
+            raise VaultError(f"{root} is not a tdefs vault (no {META_DIR}/{VAULT_JSON}; run tdefs init)") from None
+        except NotADirectoryError:
+            raise VaultError(f"{root} is not a tdefs vault") from None
+        try:
+            config = json.loads(raw)
+            if config["format"] != FORMAT_VERSION:
+                raise VaultError(f"{meta / VAULT_JSON}: format {config['format']} is not supported")
+            check_method(config["method"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise VaultError(f"{meta / VAULT_JSON} is malformed ({exc})") from None
+        lock_fd = os.open(meta, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise VaultError(f"vault {root} is in use by another process (is it mounted?)") from None
+            keys = KeyStore.open(meta / KEYS_DICT, source, vault=str(root))
+            files = FileDictionary.open(meta / FILES_DICT, keys.derive(MAC_KEY_LABEL),
+                                        salvage=mode == "repair", read_only=mode == "check",
+                                        **tuning)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        vault = cls(root, lock_fd, config, keys, files)
+        try:
+            vault._recover(write=mode != "check")
+        except BaseException:
+            vault.close()
+            raise
+        return vault
+
+    def close(self) -> None:
+        """Make every record durable and release the vault."""
+        if self._lock_fd < 0:
+            return
+        try:
+            self.files.close()
+        finally:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _recover(self, write: bool) -> None:
+        """Resolve pending intents by the tree, then drop stale entries."""
+        report = self.recovery
+        report.dropped_tail = self.files.dropped_tail
+        resolutions: list[Op] = []
+        for p in list(self.files.pending.values()):
+            if p.happened(self.root):
+                resolutions.append(("commit", p.txid))
+                report.committed.append(p.src)
+            else:
+                resolutions.append(("abort", p.txid))
+                report.aborted.append(p.src)
+        if write and resolutions:
+            self.files.append(resolutions, sync=False)
+        if not write:
+            # what the entries would be once the intents are resolved
+            entries = dict(self.files.entries)
+            for op, p in zip(resolutions, list(self.files.pending.values()), strict=True):
+                if op[0] == "commit":
+                    for o in p.ops:
+                        if o[0] == "put":
+                            entries[o[1]] = o[2]
+                        else:
+                            entries.pop(o[1], None)
+        else:
+            entries = self.files.entries
+        report.stale = sorted(p for p in list(entries) if not self._is_regular(p))
+        if write:
+            for i in range(0, len(report.stale), _STALE_PER_RECORD):
+                self.files.append([("del", p) for p in report.stale[i : i + _STALE_PER_RECORD]],
+                                  sync=False)
+            self.files.sync()
+
+    # -- lookups --------------------------------------------------------------------
+
+    def _abs(self, rel: bytes) -> bytes:
+        return self._root_b + b"/" + rel
+
+    def _is_regular(self, rel: bytes) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(self._abs(rel)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def _cipher(self, info: FileInfo) -> FileCipher:
+        c = self._ciphers.get(info)
+        if c is None:
+            if info.method == "plaintext":
+                return PLAINTEXT
+            c = FileCipher(info.method, self.keys.get(info.key_id).key, info.iv)
+            if len(self._ciphers) >= _CIPHER_CACHE_MAX:
+                self._ciphers.clear()
+            self._ciphers[info] = c
+        return c
+
+    def cipher_for(self, rel: bytes) -> FileCipher:
+        """The cipher of ``rel``; PLAINTEXT when it has no entry. No I/O."""
+        if self._busy:
+            self._wait_not_busy(rel)
+        info = self.files.entries.get(rel)
+        if info is None:
+            return PLAINTEXT
+        return self._cipher(info)
+
+    def info_for(self, rel: bytes) -> FileInfo | None:
+        if self._busy:
+            self._wait_not_busy(rel)
+        return self.files.entries.get(rel)
+
+    def _touches_busy(self, rel: bytes) -> bool:
+        if rel in self._busy:
+            return True
+        i = rel.rfind(b"/")
+        while i > 0:
+            if rel[:i] in self._busy:
+                return True
+            i = rel.rfind(b"/", 0, i)
+        return False
+
+    def _wait_not_busy(self, rel: bytes) -> None:
+        with self._busy_cond:
+            while self._touches_busy(rel):
+                self._busy_cond.wait()
+
+    @contextmanager
+    def _busy_paths(self, *paths: bytes) -> Iterator[None]:
+        with self._busy_cond:
+            for p in paths:
+                self._busy[p] = self._busy.get(p, 0) + 1
+        try:
+            yield
+        finally:
+            with self._busy_cond:
+                for p in paths:
+                    n = self._busy[p] - 1
+                    if n:
+                        self._busy[p] = n
+                    else:
+                        del self._busy[p]
+                self._busy_cond.notify_all()
+
+    def _new_info(self) -> FileInfo:
+        key = self.keys.active
+        return FileInfo(key.method, key.id, secrets.token_bytes(IV_SIZE))
+
+    # -- crash-ordered operations ----------------------------------------------------
+
+    def create_file(self, rel: bytes, flags: int, mode: int) -> tuple[int, FileCipher]:
+        """Create ``rel`` (durable entry first) and open it with ``flags``; returns
+        (fd, cipher). An existing file is opened as O_CREAT without O_EXCL would, and
+        with O_TRUNC gets a fresh IV (truncate_to_zero)."""
+        _check_rel(rel)
+        path = self._abs(rel)
+        try:
+            os.lstat(path)
+            exists = True
+        except FileNotFoundError:
+            exists = False
+        if exists:
+            if flags & os.O_EXCL:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(path))
+            fd = os.open(path, (flags | os.O_CREAT) & ~os.O_TRUNC, mode)
+            if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+                try:
+                    return fd, self.truncate_to_zero(rel, fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            return fd, self.cipher_for(rel)
+        if self.method == "plaintext":
+            previous = self.files.entries.get(rel)
+            if previous is not None:  # stale: the file does not exist
+                self.files.append([("del", rel)], sync=False)
+            return os.open(path, flags | os.O_CREAT, mode), PLAINTEXT
+        info = self._new_info()
+        previous = self.files.entries.get(rel)
+        self.files.append([("put", rel, info)])
+        failpoint("create.after-new")
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            # created behind the vault's back since the lstat: give it its entry back
+            undo: Op = ("put", rel, previous) if previous is not None else ("del", rel)
+            self.files.append([undo])
+            raise
+        except BaseException:
+            self.files.append([("del", rel)], sync=False)  # the entry would be stale
+            raise
+        return fd, self._cipher(info)
+
+    def unlink(self, rel: bytes) -> None:
+        """Remove a non-directory; its entry goes once the removal is durable."""
+        _check_rel(rel)
+        path = self._abs(rel)
+        os.unlink(path)
+        failpoint("unlink.after-unlink")
+        if rel in self.files.entries:
+            # a DEL that reached the disk before the unlink would leave ciphertext
+            # without its entry after a power cut
+            fsync_dir(self._abs(_parent(rel)) if b"/" in rel else self._root_b)
+            self.files.append([("del", rel)], sync=False)
+
+    def link(self, src: bytes, dst: bytes) -> None:
+        """Hard link ``dst`` to ``src``; the new name gets src's entry first."""
+        _check_rel(src)
+        _check_rel(dst)
+        sp, dp = self._abs(src), self._abs(dst)
+        info = self.files.entries.get(src)
+        if info is not None and not self._is_regular(src):
+            # src's entry is stale: drop it, then fail as link(2) would
+            self.files.append([("del", src)], sync=False)
+            info = None
+        if info is None:
+            os.link(sp, dp, follow_symlinks=False)
+            return
+        if os.path.lexists(dp):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dp))
+        self.files.append([("put", dst, info)])
+        failpoint("link.after-new")
+        try:
+            os.link(sp, dp, follow_symlinks=False)
+        except BaseException:
+            self.files.append([("del", dst)], sync=False)
+            raise
+
+    def truncate_to_zero(self, rel: bytes, fd: int | None = None) -> FileCipher:
+        """Truncate ``rel`` to 0 (through ``fd`` if given), then give it a fresh IV.
+        Returns the cipher to use from now on. With st_nlink > 1 the entry (and IV)
+        is kept, since the other names share it."""
+        _check_rel(rel)
+        with self._busy_paths(rel):
+            own = fd is None
+            if own:
+                fd = os.open(self._abs(rel), os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, 0)
+                os.fsync(fd)  # the new IV must never be durable while old bytes are
+                nlink = os.fstat(fd).st_nlink
+            finally:
+                if own:
+                    os.close(fd)
+            failpoint("truncate.after-truncate")
+            info = self.files.entries.get(rel)
+            if nlink > 1:
+                return PLAINTEXT if info is None else self._cipher(info)
+            if self.method == "plaintext":
+                if info is not None:
+                    self.files.append([("del", rel)])
+                return PLAINTEXT
+            new = self._new_info()
+            self.files.append([("put", rel, new)])
+            return self._cipher(new)
+
+    def rename(self, src: bytes, dst: bytes, flags: int = 0) -> None:
+        """rename(2) / renameat2(2) of files or directories, crash-safe."""
+        _check_rel(src)
+        _check_rel(dst)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        sp, dp = self._abs(src), self._abs(dst)
+        st_src = os.lstat(sp)
+        try:
+            st_dst: os.stat_result | None = os.lstat(dp)
+        except FileNotFoundError:
+            st_dst = None
+        exchange = bool(flags & RENAME_EXCHANGE)
+        if exchange and st_dst is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fsdecode(dp))
+        if flags & RENAME_NOREPLACE and st_dst is not None:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dp))
+        if (src == dst or (st_dst is not None and st_dst.st_ino == st_src.st_ino
+                           and st_dst.st_dev == st_src.st_dev and not exchange)):
+            # same file under both names: rename(2) does nothing, and neither do we
+            renameat2(sp, dp, flags)
+            return
+        ops = self._rename_ops(src, dst, st_dst is not None, exchange)
+        if not ops:
+            renameat2(sp, dp, flags)
+            return
+        rule = RULE_SRC_REPLACED if exchange else RULE_SRC_GONE
+        with self._busy_paths(src, dst):
+            txid = self.files.begin(rule, src, st_src.st_ino, ops)
+            failpoint("rename.after-intent")
+            try:
+                renameat2(sp, dp, flags)
+            except BaseException:
+                self.files.append([("abort", txid)], sync=False)
+                raise
+            failpoint("rename.after-rename")
+            # the rename must be on disk before a durable COMMIT can say it is
+            sparent, dparent = self._abs(_parent(src)), self._abs(_parent(dst))
+            fsync_dir(sparent if b"/" in src else self._root_b)
+            if _parent(src) != _parent(dst):
+                fsync_dir(dparent if b"/" in dst else self._root_b)
+            seq = self.files.append([("commit", txid)], sync=False)
+            failpoint("rename.after-commit")
+            self.files.sync(seq)
+
+    def _rename_ops(self, src: bytes, dst: bytes, dst_exists: bool, exchange: bool) -> list[Op]:
+        """The dictionary's after-state of a rename, as DELs then PUTs."""
+        entries = self.files.entries
+
+        def subtree(top: bytes) -> dict[bytes, FileInfo]:
+            found = {}
+            for p in [top, *self.files.paths_under(top)]:
+                info = entries.get(p)
+                if info is not None:
+                    found[p] = info
+            return found
+
+        a = subtree(src)
+        b = subtree(dst)
+        if exchange:
+            dels: list[Op] = [("del", p) for p in sorted({*a, *b})]
+            puts: list[Op] = [("put", dst + p[len(src):], i) for p, i in a.items()]
+            puts += [("put", src + p[len(dst):], i) for p, i in b.items()]
+            return dels + puts
+        # dst (a replaced file, an empty directory, or nothing) loses all its entries;
+        # when dst does not exist those entries are stale anyway
+        dels = [("del", p) for p in sorted({*a, *b})]
+        puts = [("put", dst + p[len(src):], i) for p, i in a.items()]
+        return dels + puts
+
+    # ``Vault.create(backing, source)`` makes a vault; ``vault.create(rel, flags, mode)``
+    # creates a file in an open one: one name, told apart by how it is reached
+    create = _ClassOrInstance(create_vault, create_file)
+
+    # -- keys -----------------------------------------------------------------------
+
+    def retire_unused_keys(self) -> list[int]:
+        """Drop data keys that no entry or pending intent uses (never the active one)."""
+        return self.keys.retire(list(self.keys.keys), self.files.referenced_keys())
