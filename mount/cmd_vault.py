@@ -1,0 +1,124 @@
+"""`tdefs init`, `tdefs fsck` and `tdefs keys list|rotate`: offline commands that act on
+a vault's backing directory directly (the vault must not be mounted meanwhile)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from encfs.cipher import DEFAULT_METHOD, METHODS
+from encfs.errors import TdefsError
+from encfs.fsck import FsckReport, check
+from encfs.masterkey import add_key_options, generate_key_file, source_from_args
+from encfs.vault import Vault
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("init", help="make a vault in a backing directory")
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    add_key_options(p)
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                   help=f"cipher of new files (default {DEFAULT_METHOD})")
+    p.add_argument("--generate-key", action="store_true",
+                   help="with --key-file: write a new random key file (mode 0600) if it does not exist")
+    p.set_defaults(func=_init)
+
+    p = sub.add_parser("fsck", help="check a vault's dictionary against its tree (offline)")
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    add_key_options(p)
+    p.add_argument("--repair", action="store_true",
+                   help="remove stale entries, resolve crash leftovers, salvage a damaged files.dict")
+    p.set_defaults(func=_fsck)
+
+    p = sub.add_parser("keys", help="list or rotate a vault's data keys (offline)")
+    p.add_argument("action", choices=("list", "rotate"))
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    add_key_options(p)
+    p.add_argument("--method", choices=[m for m in METHODS if m != "plaintext"],
+                   help="rotate: cipher of the new key (default: that of the active key)")
+    p.set_defaults(func=_keys)
+
+
+def _init(args: argparse.Namespace) -> int:
+    if args.generate_key:
+        if not args.key_file:
+            raise TdefsError("--generate-key needs --key-file")
+        if not os.path.lexists(args.key_file):
+            generate_key_file(args.key_file)
+            print(f"wrote a new master key to {args.key_file} (mode 0600); keep a copy somewhere safe")
+    source = source_from_args(args, confirm=True)
+    vault = Vault.create(args.backing, source, method=args.method)
+    try:
+        print(f"initialised vault {vault.root} (cipher {vault.method}, master key: {source.kind})")
+    finally:
+        vault.close()
+    return 0
+
+
+def _show(path: bytes) -> str:
+    return os.fsdecode(path)
+
+
+def _print_report(r: FsckReport) -> None:
+    out = sys.stdout
+    if r.corruption is not None:
+        print(f"files.dict: {r.corruption}", file=out)
+        print("run `tdefs fsck --repair` to cut the log at the last good record", file=out)
+        return
+    verb = "removed" if r.repair else "found"
+    if r.salvage is not None:
+        s = r.salvage
+        print(f"files.dict was damaged at offset {s.offset} ({s.what}): dropped {s.lost_bytes} bytes"
+              f" ({s.lost_records} records)", file=out)
+        if s.paths:
+            print("  the dropped records named these paths; files among them that exist and have"
+                  " no entry now will read as ciphertext:", file=out)
+            for p in s.paths:
+                print(f"    {_show(p)}", file=out)
+    rec = r.recovery
+    if rec.dropped_tail:
+        print(f"files.dict: torn last record of {rec.dropped_tail} bytes"
+              f" {'cut off' if r.repair else '(dropped on next open)'}", file=out)
+    for p in rec.committed:
+        print(f"intent left by a crash: rename of {_show(p)} had happened (committed)", file=out)
+    for p in rec.aborted:
+        print(f"intent left by a crash: rename of {_show(p)} had not happened (dropped)", file=out)
+    print(f"stale entries {verb}: {len(rec.stale)}", file=out)
+    for p in rec.stale:
+        print(f"  {_show(p)}", file=out)
+    for key_id, n in sorted(r.missing_keys.items()):
+        print(f"error: {n} entries use data key {key_id}, which keys.dict does not hold", file=out)
+    print(f"encrypted files: {r.encrypted}", file=out)
+    for key_id, n in sorted(r.per_key.items()):
+        print(f"  key {key_id}: {n} files", file=out)
+    print(f"files without an entry (plaintext): {len(r.plaintext)}", file=out)
+    for p in r.plaintext[:50]:
+        print(f"  {_show(p)}", file=out)
+    if len(r.plaintext) > 50:
+        print(f"  ... and {len(r.plaintext) - 50} more", file=out)
+    if r.problems and not r.repair:
+        print("problems found; `tdefs fsck --repair` fixes them", file=out)
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    report = check(args.backing, source_from_args(args), repair=args.repair)
+    _print_report(report)
+    return 0 if report.clean_after else 1
+
+
+def _keys(args: argparse.Namespace) -> int:
+    with Vault.open(args.backing, source_from_args(args)) as vault:
+        if args.action == "rotate":
+            key_id = vault.keys.rotate(args.method)
+            print(f"new active data key {key_id} ({vault.keys.active.method}); files using older keys"
+                  " keep them until rewritten")
+            return 0
+        print(f"{'ID':>4}  {'METHOD':<12} {'CREATED (UTC)':<20} {'ACTIVE':<6} {'FILES':>7}")
+        for k in vault.keys.list():
+            created = datetime.datetime.fromtimestamp(k.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{k.id:>4}  {k.method:<12} {created:<20} {'yes' if k.active else '':<6} {k.files:>7}")
+    return 0
