@@ -1,0 +1,394 @@
+"""The life of a mount: checks, daemonizing, serving, and unmounting.
+
+`tdefs mount` checks what it can in the foreground (mountpoint, /dev/fuse, the
+master key source), then forks a daemon (double fork, new session) that opens the
+vault, mounts, and reports "ready" or the one-line error over a pipe; the
+foreground process prints that error and exits non-zero, or exits 0 only once the
+kernel has completed the FUSE handshake, so the mount is live. The daemon logs to
+the --log file (its stdout and stderr go there too), never to the terminal it
+left. SIGTERM and SIGINT flush the kernel's dirty pages, unmount, and close the
+vault; so does `tdefs umount`, which also cleans up after a daemon that died.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyfuse3
+import trio
+
+from encfs.errors import TdefsError
+from encfs.masterkey import MasterKeySource
+from encfs.vault import Vault
+from mount import control
+from mount.fs import VaultFS
+
+log = logging.getLogger("tdefs.daemon")
+
+FSTYPE = "fuse.tdefs"
+READY = b"ready\n"
+UNMOUNT_WAIT_S = 30.0
+
+
+class MountError(TdefsError):
+    """The mount cannot be made, found or removed."""
+
+
+@dataclass
+class MountRequest:
+    backing: Path
+    mountpoint: Path
+    source: MasterKeySource
+    foreground: bool = False
+    allow_other: bool = False
+    log_file: Path | None = None
+    writeback_cache: bool = True
+
+
+# ------------------------------------------------------------------ mount table
+
+
+def _unescape(field: str) -> str:
+    # /proc/mounts escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_entry(mountpoint: str | os.PathLike) -> tuple[str, str] | None:
+    """(source, fstype) of what is mounted exactly at `mountpoint`, or None."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and _unescape(fields[1]) == target:
+                found = (_unescape(fields[0]), fields[2])  # the last one is on top
+    return found
+
+
+# ------------------------------------------------------------ foreground checks
+
+
+def _check_fuse_device() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: this machine has no FUSE (see docs/mount.md)")
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        raise MountError(f"cannot open /dev/fuse: {exc.strerror}") from None
+
+
+def _check_mountpoint(mountpoint: Path, backing: Path) -> None:
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as exc:
+        if mount_entry(mountpoint):
+            raise MountError(f"mountpoint {mountpoint} is busy: a dead mount is still there "
+                             f"(run: tdefs umount {mountpoint})") from None
+        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    entry = mount_entry(mountpoint)
+    if entry is not None:
+        raise MountError(f"mountpoint {mountpoint} is busy: {entry[0]} ({entry[1]}) "
+                         "is already mounted there")
+    del st
+    real_mnt, real_backing = os.path.realpath(mountpoint), os.path.realpath(backing)
+    for inner, outer in ((real_mnt, real_backing), (real_backing, real_mnt)):
+        if inner == outer or inner.startswith(outer.rstrip("/") + "/"):
+            raise MountError(f"the mountpoint {mountpoint} and the vault {backing} must not "
+                             "contain each other")
+
+
+def check(req: MountRequest) -> None:
+    """Everything that can be checked before the vault is opened; MountError if not."""
+    if not req.backing.is_dir():
+        raise MountError(f"vault {req.backing} does not exist or is not a directory")
+    _check_mountpoint(req.mountpoint, req.backing)
+    _check_fuse_device()
+
+
+# --------------------------------------------------------------------- serving
+
+
+def _options(req: MountRequest) -> set[str]:
+    fsname = str(req.backing).replace("\\", "\\\\").replace(",", "\\,")
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options |= {f"fsname={fsname}", "subtype=tdefs"}
+    if req.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def _setup_logging(log_file: Path | None, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    if log_file is not None:
+        handler: logging.Handler = logging.FileHandler(log_file)
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        fmt = logging.Formatter("tdefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(fmt)
+    root.handlers[:] = [handler]
+
+
+def sync_mount(mountpoint: str | os.PathLike) -> None:
+    """Push the kernel's dirty pages of the mount down to the daemon."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.syncfs(fd) if hasattr(os, "syncfs") else pyfuse3.syncfs(str(mountpoint))
+    finally:
+        os.close(fd)
+
+
+def fusermount_unmount(mountpoint: str | os.PathLike, lazy: bool = False) -> subprocess.CompletedProcess:
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+class _Daemon:
+    """One mounted vault being served."""
+
+    def __init__(self, req: MountRequest, vault: Vault, on_ready: Any) -> None:
+        self.req = req
+        self.vault = vault
+        self.started = time.time()
+        self.fs = VaultFS(vault, on_ready=on_ready, writeback_cache=req.writeback_cache)
+        self.control = control.ControlServer(str(req.mountpoint), {
+            "status": self._status,
+            "keys.list": self._keys_list,
+            "keys.rotate": self._keys_rotate,
+        })
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.control.serve)
+            nursery.start_soon(self._watch_signals)
+            await pyfuse3.main()
+            log.info("unmounted %s", self.req.mountpoint)
+            nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                await trio.to_thread.run_sync(self._unmount_self)
+
+    def _unmount_self(self) -> None:
+        mnt = self.req.mountpoint
+        try:
+            sync_mount(mnt)
+        except OSError as exc:
+            log.warning("flushing %s before unmount: %s", mnt, exc)
+        result = fusermount_unmount(mnt)
+        if result.returncode != 0:
+            log.warning("unmount %s: %s; detaching it lazily", mnt, result.stderr.strip())
+            result = fusermount_unmount(mnt, lazy=True)
+        if result.returncode != 0:
+            # not mounted any more (or never was): stop the loop ourselves
+            log.warning("unmount %s: %s", mnt, result.stderr.strip())
+            trio.from_thread.run_sync(pyfuse3.terminate)
+
+    async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **control.process_status(self.started),
+            "backing": str(self.vault.root),
+            "mountpoint": str(self.req.mountpoint),
+            "method": self.vault.method,
+            "open_files": self.fs.open_files(),
+            "inodes": len(self.fs.inodes),
+            "writeback_cache": self.req.writeback_cache,
+        }
+
+    async def _keys_list(self, request: dict[str, Any]) -> dict[str, Any]:
+        keys = await trio.to_thread.run_sync(self.vault.keys.list)
+        return {"keys": keys}
+
+    async def _keys_rotate(self, request: dict[str, Any]) -> dict[str, Any]:
+        key_id = await trio.to_thread.run_sync(self.vault.keys.rotate)
+        return {"key_id": key_id}
+
+
+def serve(req: MountRequest, on_ready: Any = None) -> None:
+    """Open the vault, mount it and serve until unmounted. Raises TdefsError on failure."""
+    os.umask(0)  # modes arrive from the kernel with the caller's umask applied
+    vault = Vault.open(req.backing, req.source)
+    try:
+        daemon = _Daemon(req, vault, on_ready)
+        try:
+            pyfuse3.init(daemon.fs, str(req.mountpoint), _options(req))
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount {req.mountpoint}: {exc}") from None
+        log.info("mounted %s on %s (pid %d)", req.backing, req.mountpoint, os.getpid())
+        try:
+            trio.run(daemon.run)
+        finally:
+            entry = mount_entry(req.mountpoint)
+            pyfuse3.close(unmount=entry is not None and entry[1] == FSTYPE)
+    finally:
+        vault.close()
+        log.info("vault %s closed", req.backing)
+
+
+# ------------------------------------------------------------------ daemonizing
+
+
+def mount(req: MountRequest) -> int:
+    """`tdefs mount`: returns 0 once the mount is live; MountError (one line) if not."""
+    req.backing = req.backing.absolute()
+    req.mountpoint = Path(os.path.realpath(req.mountpoint))
+    if req.log_file is not None:
+        req.log_file = req.log_file.absolute()
+    check(req)
+    if req.foreground:
+        _setup_logging(req.log_file, foreground=True)
+        serve(req)
+        return 0
+    return _daemonize(req)
+
+
+def _daemonize(req: MountRequest) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        _daemon_child(req, write_end)  # never returns
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 4096):
+        chunks.append(chunk)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    message = b"".join(chunks)
+    if message == READY:
+        return 0
+    if message.startswith(b"error: "):
+        raise MountError(message[7:].decode(errors="replace").strip())
+    where = f"; see {req.log_file}" if req.log_file else ""
+    raise MountError(f"the daemon exited before {req.mountpoint} was mounted{where}")
+
+
+def _daemon_child(req: MountRequest, report_fd: int) -> None:
+    code = 1
+    try:
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        os.chdir("/")
+        _detach_stdio(req.log_file)
+        _setup_logging(req.log_file, foreground=False)
+
+        def ready() -> None:
+            nonlocal report_fd
+            if report_fd >= 0:
+                os.write(report_fd, READY)
+                os.close(report_fd)
+                report_fd = -1
+
+        try:
+            serve(req, on_ready=ready)
+            code = 0
+        except TdefsError as exc:
+            log.error("%s", exc)
+            if report_fd >= 0:
+                os.write(report_fd, f"error: {exc}\n".encode())
+        except BaseException as exc:
+            log.exception("the daemon failed")
+            if report_fd >= 0:
+                os.write(report_fd, f"error: unexpected {type(exc).__name__}: {exc}\n".encode())
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _detach_stdio(log_file: Path | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) if log_file else null
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for fd in {null, out}:
+        if fd > 2:
+            os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    faulthandler.enable(sys.stderr)
+
+
+# ------------------------------------------------------------------- unmounting
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        # a daemon reparented to an init that does not reap stays a zombie: it is gone
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def unmount(mountpoint: Path, lazy: bool = False) -> str:
+    """`tdefs umount`: flush, unmount, wait for the daemon to close the vault.
+
+    Also removes a mount whose daemon died. Returns what was done, for the user."""
+    mountpoint = Path(os.path.realpath(mountpoint))
+    entry = mount_entry(mountpoint)
+    if entry is None:
+        raise MountError(f"{mountpoint} is not mounted")
+    if entry[1] != FSTYPE:
+        raise MountError(f"{mountpoint} is not a tdefs mount ({entry[1]})")
+    try:
+        pid: int | None = int(control.request(mountpoint, "status", timeout=10)["pid"])
+    except control.NoDaemon:
+        pid = None
+    except TdefsError:
+        pid = None  # a hung daemon: unmount anyway
+    if pid is None:
+        result = fusermount_unmount(mountpoint)
+        if result.returncode != 0:
+            result = fusermount_unmount(mountpoint, lazy=True)
+        if result.returncode != 0:
+            raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+        control.ControlServer(str(mountpoint), {}).remove()
+        return "removed the mount of a daemon that is gone"
+    try:
+        sync_mount(mountpoint)
+    except OSError as exc:
+        log.warning("flushing %s: %s", mountpoint, exc)
+    result = fusermount_unmount(mountpoint, lazy=lazy)
+    if result.returncode != 0:
+        detail = result.stderr.strip().removeprefix("fusermount3: ")
+        raise MountError(f"cannot unmount {mountpoint}: {detail}"
+                         " (close the files open on it, or use --lazy)")
+    deadline = time.monotonic() + UNMOUNT_WAIT_S
+    while _pid_alive(pid) and not lazy:
+        if time.monotonic() > deadline:
+            raise MountError(f"{mountpoint} is unmounted but daemon {pid} has not exited")
+        time.sleep(0.02)
+    return "unmounted"

@@ -1,0 +1,588 @@
+"""The FUSE filesystem: pyfuse3 operations over a vault's backing tree.
+
+Invariants:
+- Every change to the tree that the key dictionary cares about (create, unlink,
+  rename, link, truncation to zero) goes through the vault's crash-ordered
+  operations; directories, symlinks and special files are made with plain os calls.
+- Contents pass through `encfs.content` with the inode's one `FileCipher`, shared by
+  every handle of the inode, so an unlinked file that is still open keeps working and
+  hard links read the same bytes. No crypto arithmetic happens here.
+- `.tdefs/` at the root is invisible (lookup says ENOENT, readdir skips it) and
+  cannot be created, renamed over or linked to.
+- No request can take the daemon down: every handler answers an unexpected
+  exception with EIO after logging it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from encfs import content
+from encfs.vault import META_DIR, Vault
+from mount.inodes import ROOT_INODE, Inode, InodeTable, join, parent_of
+
+log = logging.getLogger("tdefs.mount")
+
+# Everything reaches the backing tree through this daemon, so the kernel may cache
+# names and attributes for long; the tree changes only through requests we answer.
+ENTRY_TIMEOUT = 60.0
+ATTR_TIMEOUT = 60.0
+
+# Reads and writes at least this large run in a worker thread so the loop keeps
+# serving other requests; smaller ones cost less inline than a thread hop.
+THREAD_IO_BYTES = 128 * 1024
+
+_META = META_DIR.encode()
+# Open flags that describe the request, not how the daemon opens the backing file:
+# the kernel computes O_APPEND offsets itself, truncation is the vault's business,
+# O_DIRECT would impose alignment on our own buffers.
+_STRIPPED_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
+                   | getattr(os, "O_DIRECT", 0))
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _answer_errors(fn: F) -> F:
+    """Turn anything a handler raises into an errno for the kernel."""
+
+    @functools.wraps(fn)
+    async def handler(self: VaultFS, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            if exc.errno is None or exc.errno == errno.EIO:
+                log.warning("%s%r: %s", fn.__name__, args[:2], exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler  # type: ignore[return-value]
+
+
+def _fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+class _Handle:
+    __slots__ = ("fd", "inode")
+
+    def __init__(self, fd: int, inode: Inode) -> None:
+        self.fd = fd
+        self.inode = inode
+
+
+class _DirHandle:
+    __slots__ = ("inode", "names")
+
+    def __init__(self, inode: Inode) -> None:
+        self.inode = inode
+        self.names: list[bytes] | None = None
+
+
+class VaultFS(pyfuse3.Operations):
+    """The mount's request handlers. Construct with an open Vault."""
+
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(self, vault: Vault, on_ready: Callable[[], None] | None = None,
+                 writeback_cache: bool = True) -> None:
+        super().__init__()
+        self.vault = vault
+        self.enable_writeback_cache = writeback_cache
+        self._root = os.fsencode(os.path.abspath(vault.root))
+        self._on_ready = on_ready
+        self.inodes = InodeTable(os.lstat(self._root).st_ino)
+        self._handles: dict[int, _Handle] = {}
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_dir_fh = 1
+        self._is_root = os.geteuid() == 0
+
+    # ----------------------------------------------------------------- helpers
+
+    def init(self) -> None:
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def open_files(self) -> int:
+        return len(self._handles)
+
+    def _abs(self, rel: bytes) -> bytes:
+        return self._root + b"/" + rel if rel else self._root
+
+    def _child(self, parent: int, name: bytes) -> bytes:
+        inode = self.inodes.get(parent)
+        rel_parent = inode.any_path()
+        if parent == ROOT_INODE and name == _META:
+            raise _fail(errno.EPERM)
+        return join(rel_parent, name)
+
+    def _entry(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode.ino
+        e.generation = 0
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = st.st_mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size  # CTR keeps sizes equal
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _stat(self, inode: Inode) -> os.stat_result:
+        fd = inode.any_fd()
+        if fd is not None:
+            return os.fstat(fd)
+        return os.lstat(self._abs(inode.any_path()))
+
+    def _learn(self, rel: bytes, st: os.stat_result, fresh: bool = False) -> pyfuse3.EntryAttributes:
+        """Remember `rel` and count one kernel lookup of it."""
+        inode = self.inodes.remember(rel, st, fresh=fresh)
+        inode.lookups += 1
+        return self._entry(inode, st)
+
+    def _give_to_caller(self, path: bytes, ctx: pyfuse3.RequestContext,
+                        fd: int | None = None) -> None:
+        """New nodes belong to the caller, as on a local filesystem (we run as root)."""
+        if not self._is_root or (ctx.uid == 0 and ctx.gid == 0):
+            return
+        gid = ctx.gid
+        parent_st = os.lstat(os.path.dirname(path))
+        if parent_st.st_mode & stat.S_ISGID:
+            gid = parent_st.st_gid
+        if fd is not None:
+            os.fchown(fd, ctx.uid, gid)
+        else:
+            os.chown(path, ctx.uid, gid, follow_symlinks=False)
+
+    @staticmethod
+    def _backing_flags(flags: int) -> int:
+        flags &= ~_STRIPPED_FLAGS
+        # With the writeback cache the kernel reads pages through any handle of the
+        # inode, including one opened write-only.
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags | os.O_CLOEXEC
+
+    def _open_backing(self, inode: Inode, flags: int) -> int:
+        if inode.paths:
+            path = self._abs(inode.any_path())
+            flags |= os.O_NOFOLLOW
+        else:
+            fd = inode.any_fd()
+            if fd is None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+            path = f"/proc/self/fd/{fd}".encode()  # reopening an unlinked file
+        try:
+            return os.open(path, flags)
+        except PermissionError:
+            if flags & os.O_ACCMODE != os.O_RDWR:
+                raise
+            # the file is write-only for us (not root); the kernel then reads nothing
+            return os.open(path, (flags & ~os.O_ACCMODE) | os.O_WRONLY)
+
+    def _add_handle(self, inode: Inode, fd: int, cipher: Any) -> pyfuse3.FileInfo:
+        inode.fds.add(fd)
+        inode.cipher = cipher
+        if inode.lock is None:
+            inode.lock = trio.Lock()
+        self._handles[fd] = _Handle(fd, inode)
+        # the page cache stays valid across opens: all writes come through us
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    def _handle(self, fh: int) -> _Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise _fail(errno.EBADF)
+        return h
+
+    def _cipher(self, inode: Inode) -> Any:
+        return inode.cipher if inode.cipher is not None else \
+            self.vault.cipher_for(inode.any_path())
+
+    @staticmethod
+    async def _io(fn: Callable[..., Any], *args: Any, slow: bool = True) -> Any:
+        if slow:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
+
+    # ------------------------------------------------------------------ names
+
+    @_answer_errors
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.get(parent_inode)
+        if name == b".":
+            rel = parent.any_path()
+        elif name == b"..":
+            rel = parent_of(parent.any_path())
+        elif parent_inode == ROOT_INODE and name == _META:
+            return self._negative()
+        else:
+            rel = join(parent.any_path(), name)
+        try:
+            st = os.lstat(self._abs(rel))
+        except FileNotFoundError:
+            return self._negative()
+        return self._learn(rel, st)
+
+    @staticmethod
+    def _negative() -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0  # a cached "no such entry"
+        e.entry_timeout = ENTRY_TIMEOUT
+        return e
+
+    async def forget(self, inode_list: Any) -> None:
+        try:
+            for ino, nlookup in inode_list:
+                self.inodes.forget(ino, nlookup)
+        except Exception:
+            log.exception("forget failed")
+
+    @_answer_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.inodes.get(inode)
+        return self._entry(node, self._stat(node))
+
+    @_answer_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.inodes.get(inode)
+        fd = self._handle(fh).fd if fh is not None else node.any_fd()
+        # an open fd works for an unlinked file; a path works for everything else
+        target: int | bytes = fd if fd is not None else self._abs(node.any_path())
+        if fields.update_size:
+            await self._truncate(node, fd, attr.st_size)
+        if fields.update_mode:
+            if stat.S_ISLNK(self._stat(node).st_mode):
+                raise _fail(errno.EOPNOTSUPP)
+            os.chmod(target, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            if isinstance(target, int):
+                os.fchown(target, uid, gid)
+            else:
+                os.chown(target, uid, gid, follow_symlinks=False)
+        if fields.update_atime or fields.update_mtime:
+            st = self._stat(node)
+            times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                     attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
+            if isinstance(target, int):
+                os.utime(target, ns=times)
+            else:
+                os.utime(target, ns=times, follow_symlinks=False)
+        return self._entry(node, self._stat(node))
+
+    async def _truncate(self, node: Inode, fd: int | None, length: int) -> None:
+        if node.lock is None:
+            node.lock = trio.Lock()
+        async with node.lock:
+            if length == 0 and node.paths:
+                # a file rewritten from scratch gets a fresh IV: no keystream reuse
+                rel = node.any_path()
+                cipher = await self._io(self.vault.truncate_to_zero, rel, fd)
+                if node.fds:
+                    node.cipher = cipher
+                return
+            cipher = self._cipher(node)
+            if fd is not None:
+                await self._io(content.truncate, fd, cipher, length)
+                return
+            tmp = self._open_backing(node, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                await self._io(content.truncate, tmp, cipher, length)
+            finally:
+                os.close(tmp)
+
+    @_answer_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.readlink(self._abs(self.inodes.get(inode).any_path()))
+
+    @_answer_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.inodes.get(inode)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dirs[fh] = _DirHandle(node)
+        return fh
+
+    @_answer_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self._dirs.get(fh)
+        if d is None:
+            raise _fail(errno.EBADF)
+        rel_dir = d.inode.any_path()
+        if d.names is None or start_id == 0:
+            # one listing per pass, so entries are neither skipped nor repeated when
+            # the directory changes under a reader
+            names = sorted(os.listdir(self._abs(rel_dir)))
+            if d.inode.ino == ROOT_INODE:
+                names = [n for n in names if n != _META]
+            d.names = names
+        for index in range(start_id, len(d.names)):
+            name = d.names[index]
+            rel = join(rel_dir, name)
+            try:
+                st = os.lstat(self._abs(rel))
+            except FileNotFoundError:
+                continue
+            inode = self.inodes.remember(rel, st)
+            if not pyfuse3.readdir_reply(token, name, self._entry(inode, st), index + 1):
+                self.inodes.release_if_unused(inode)
+                return
+            inode.lookups += 1
+
+    @_answer_errors
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_answer_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        d = self._dirs.get(fh)
+        if d is None:
+            raise _fail(errno.EBADF)
+        fd = os.open(self._abs(d.inode.any_path()), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            await self._io(os.fsync, fd)
+        finally:
+            os.close(fd)
+
+    @_answer_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        rel = self._child(parent_inode, name)
+        path = self._abs(rel)
+        os.mkdir(path, stat.S_IMODE(mode))
+        self._give_to_caller(path, ctx)
+        return self._learn(rel, os.lstat(path), fresh=True)
+
+    @_answer_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        rel = self._child(parent_inode, name)
+        os.rmdir(self._abs(rel))
+        self.inodes.removed(rel, gone=True)
+
+    @_answer_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        rel = self._child(parent_inode, name)
+        st = os.lstat(self._abs(rel))
+        if stat.S_ISDIR(st.st_mode):
+            raise _fail(errno.EISDIR)
+        await self._io(self.vault.unlink, rel)
+        self.inodes.removed(rel, gone=st.st_nlink <= 1)
+
+    @_answer_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        src = self._child(parent_inode_old, name_old)
+        dst = self._child(parent_inode_new, name_new)
+        src_st = os.lstat(self._abs(src))
+        try:
+            dst_st: os.stat_result | None = os.lstat(self._abs(dst))
+        except FileNotFoundError:
+            dst_st = None
+        await self._io(self.vault.rename, src, dst, flags)
+        src_dir = stat.S_ISDIR(src_st.st_mode)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            assert dst_st is not None
+            self.inodes.exchanged(src, dst, src_dir, stat.S_ISDIR(dst_st.st_mode))
+        elif dst_st is not None and (dst_st.st_ino, dst_st.st_dev) == (src_st.st_ino, src_st.st_dev):
+            pass  # two names of one file: rename(2) leaves both in place
+        else:
+            dst_gone = dst_st is not None and (stat.S_ISDIR(dst_st.st_mode) or dst_st.st_nlink <= 1)
+            self.inodes.renamed(src, dst, dst_gone, src_dir)
+
+    @_answer_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.inodes.get(inode)
+        src = node.any_path()
+        dst = self._child(new_parent_inode, new_name)
+        await self._io(self.vault.link, src, dst)
+        return self._learn(dst, os.lstat(self._abs(dst)))
+
+    @_answer_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        rel = self._child(parent_inode, name)
+        path = self._abs(rel)
+        os.symlink(target, path)
+        self._give_to_caller(path, ctx)
+        return self._learn(rel, os.lstat(path), fresh=True)
+
+    @_answer_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        rel = self._child(parent_inode, name)
+        path = self._abs(rel)
+        if stat.S_ISREG(mode):
+            fd, _ = await self._io(self.vault.create, rel, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC,
+                                   stat.S_IMODE(mode))
+            try:
+                self._give_to_caller(path, ctx, fd)
+            finally:
+                os.close(fd)
+        else:
+            os.mknod(path, mode, rdev)
+            self._give_to_caller(path, ctx)
+        return self._learn(rel, os.lstat(path), fresh=True)
+
+    # ----------------------------------------------------------------- contents
+
+    @_answer_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.inodes.get(inode)
+        fd = self._open_backing(node, self._backing_flags(flags))
+        try:
+            cipher = node.cipher if node.fds else self._cipher(node)
+            if flags & os.O_TRUNC and node.paths:
+                if node.lock is None:
+                    node.lock = trio.Lock()
+                async with node.lock:
+                    cipher = await self._io(self.vault.truncate_to_zero, node.any_path(), fd)
+            return self._add_handle(node, fd, cipher)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @_answer_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        rel = self._child(parent_inode, name)
+        path = self._abs(rel)
+        if os.path.lexists(path):
+            # the kernel's view was stale: open the existing file as open(2) would
+            if flags & os.O_EXCL:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+            entry = self._learn(rel, os.lstat(path))
+            return await self.open(entry.st_ino, flags, ctx), entry
+        try:
+            fd, cipher = await self._io(self.vault.create, rel,
+                                        self._backing_flags(flags) | os.O_EXCL,
+                                        stat.S_IMODE(mode))
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # another opener created it first: open it as open(2) would
+            entry = self._learn(rel, os.lstat(path))
+            return await self.open(entry.st_ino, flags, ctx), entry
+        try:
+            self._give_to_caller(path, ctx, fd)
+            st = os.fstat(fd)
+            inode = self.inodes.remember(rel, st, fresh=True)
+            info = self._add_handle(inode, fd, cipher)
+        except BaseException:
+            os.close(fd)
+            raise
+        inode.lookups += 1
+        return info, self._entry(inode, st)
+
+    @_answer_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        return await self._io(content.read_at, h.fd, h.inode.cipher, size, off,
+                              slow=size >= THREAD_IO_BYTES)
+
+    @_answer_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handle(fh)
+        inode = h.inode
+        # one writer per inode: a write past EOF fills the gap, which must not
+        # overwrite a concurrent write landing inside that gap
+        async with inode.lock:
+            return await self._io(content.write_at, h.fd, inode.cipher, buf, off,
+                                  slow=len(buf) >= THREAD_IO_BYTES)
+
+    @_answer_errors
+    async def flush(self, fh: int) -> None:
+        self._handle(fh)
+
+    @_answer_errors
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        inode = h.inode
+        inode.fds.discard(fh)
+        if not inode.fds:
+            inode.cipher = None  # reread from the dictionary at the next open
+        self.inodes.release_if_unused(inode)
+        os.close(fh)
+
+    @_answer_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._handle(fh)
+        await self._io(os.fdatasync if datasync else os.fsync, h.fd)
+
+    # ------------------------------------------------------------ the rest
+
+    @_answer_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self._root)
+        data = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                      "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, field, getattr(sv, field))
+        return data
+
+    def _xattr_call(self, inode: int, fn: Callable[..., Any], *args: Any) -> Any:
+        node = self.inodes.get(inode)
+        fd = node.any_fd()
+        if fd is not None:
+            return fn(fd, *args)  # also reaches an unlinked file that is still open
+        return fn(self._abs(node.any_path()), *args, follow_symlinks=False)
+
+    @_answer_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        self._xattr_call(inode, os.setxattr, name, value)
+
+    @_answer_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self._xattr_call(inode, os.getxattr, name)
+
+    @_answer_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in self._xattr_call(inode, os.listxattr)]
+
+    @_answer_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._xattr_call(inode, os.removexattr, name)
+
+    @_answer_errors
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        st = self._stat(self.inodes.get(inode))
+        if mode == os.F_OK:
+            return True
+        if ctx.uid == 0:
+            # root passes read/write checks; execute needs some x bit (or a directory)
+            return not mode & os.X_OK or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
+        if ctx.uid == st.st_uid:
+            bits = (st.st_mode >> 6) & 7
+        elif ctx.gid == st.st_gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        return mode & bits == mode
