@@ -1,0 +1,857 @@
+"""The database: write path, read path, snapshots, recovery and background work.
+
+Writers serialise on ``_lock``: each write is one WAL record, then its versions go
+into the active memtable. A full memtable becomes immutable (a new WAL starts) and a
+flush thread turns it into a level-0 table; compaction threads merge tables down the
+levels. Table building runs in forked children (engine/background.py).
+
+Readers take no lock: ``_sv`` (memtable, immutable memtables, version) is replaced
+as one tuple, so a reader always sees a consistent set. A version is published
+before the memtable it absorbed is dropped from ``_sv``.
+
+Invariants: every acknowledged write is in the WAL or in a table named by the
+MANIFEST; level 0 is read newest ``epoch_number`` first; a compaction's edit is
+applied to the version current when it finishes, and a file being compacted is in
+``_busy`` until then, so it is never picked twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import heapq
+import os
+import re
+import threading
+import time
+from bisect import bisect_left as _bisect
+from collections.abc import Iterator
+from zlib import crc32
+
+from .background import run_job
+from .block_cache import BlockCache
+from .compaction import Compaction, CompactionPicker, compaction_job, flush_job
+from .errors import BackgroundError, Corruption, DBClosed, EngineError, InvalidArgument, LockError
+from .memtable import ENTRY_OVERHEAD, MemTable
+from .options import Options
+from .sst import MISS, TableReader
+from .version import (
+    FileMeta,
+    Version,
+    VersionEdit,
+    VersionSet,
+    apply_edit,
+    check_version,
+    log_name,
+    sync_dir,
+    table_name,
+)
+from .wal import (
+    BATCH_HEADER,
+    HEADER,
+    PUT_OP,
+    U32,
+    LogWriter,
+    decode_batch,
+    encode_batch,
+    read_records,
+)
+
+_FILE_RE = re.compile(r"^(\d+)\.(sst|log|dbtmp)$|^MANIFEST-(\d+)$|^compaction-.*\.tmp$")
+_NO_SNAPSHOT = -1
+
+
+def _as_bytes(value: object, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise InvalidArgument(f"{what} must be bytes, not {type(value).__name__}")
+
+
+class WriteBatch:
+    """Puts and deletes applied atomically by ``DB.write``."""
+
+    __slots__ = ("_ops",)
+
+    def __init__(self) -> None:
+        self._ops: list[tuple[bytes, bytes | None]] = []
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._ops.append((_as_bytes(key, "key"), _as_bytes(value, "value")))
+
+    def delete(self, key: bytes) -> None:
+        self._ops.append((_as_bytes(key, "key"), None))
+
+    def clear(self) -> None:
+        self._ops.clear()
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+
+class Snapshot:
+    """A consistent read view; release it (or leave its ``with`` block) when done."""
+
+    __slots__ = ("seq", "_db", "_released")
+
+    def __init__(self, db: DB, seq: int) -> None:
+        self.seq = seq
+        self._db = db
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._db._release_snapshot(self.seq)
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if not self._released:
+            try:
+                self.release()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+
+class DB:
+    """An open database. Create with ``DB.open(path, options)``."""
+
+    def __init__(self, path: str, options: Options) -> None:
+        # Use DB.open(); this only sets fields.
+        self.path = path
+        self.options = options
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._vlock = threading.Lock()
+        self._closed = True
+        self._closing = False
+        self._bg_error: EngineError | None = None
+        self._snapshots: dict[int, int] = {}
+        self._snap_max = _NO_SNAPSHOT
+        self._busy: set[int] = set()
+        self._running_compactions = 0
+        self._manual_compactions = 0
+        self._threads: list[threading.Thread] = []
+        self._slowdown = False
+        self._write_count = 0
+        self._lock_file: int | None = None
+        # Table numbers allocated to a flush or compaction but not yet installed.
+        self._pending_tables: frozenset[int] = frozenset()
+        self.cache = BlockCache(options.block_cache_size)
+        self.stats = {"flushes": 0, "compactions": 0, "trivial_moves": 0,
+                      "bytes_flushed": 0, "bytes_compacted_in": 0, "bytes_compacted_out": 0,
+                      "stall_waits": 0}
+        self._vs = VersionSet(path, options.num_levels)
+        self._picker = CompactionPicker(options.num_levels,
+                                        options.level0_file_num_compaction_trigger,
+                                        options.max_bytes_for_level_base,
+                                        options.max_bytes_for_level_multiplier)
+
+    # ----------------------------------------------------------------- open
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, options: Options | None = None) -> DB:
+        """Open (or create) the database at ``path``; LockError if it is in use."""
+        options = options if options is not None else Options()
+        options.validate()
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            if os.path.exists(path):
+                raise InvalidArgument(f"{path}: not a directory")
+            if not options.create_if_missing:
+                raise InvalidArgument(f"{path}: database does not exist (create_if_missing is off)")
+            os.makedirs(path, exist_ok=True)
+        db = cls(path, options)
+        db._acquire_lock()
+        try:
+            db._recover()
+        except BaseException:
+            db._release_lock()
+            raise
+        db._closed = False
+        db._start_threads()
+        return db
+
+    def _acquire_lock(self) -> None:
+        fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # flock conflicts between two opens even inside one process.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockError(f"{self.path}: database is locked by another process "
+                            "(or is already open in this one)") from None
+        self._lock_file = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            os.close(self._lock_file)
+            self._lock_file = None
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _open_reader(self, f: FileMeta) -> None:
+        path = self._file(table_name(f.number))
+        try:
+            f.reader = TableReader(path, f.number, self.cache)
+        except FileNotFoundError:
+            raise Corruption(path, None, "table file named by the MANIFEST is missing") from None
+        if f.reader.size != f.size:
+            raise Corruption(path, None, f"size {f.reader.size} differs from MANIFEST's {f.size}")
+
+    def _recover(self) -> None:
+        opts = self.options
+        vs = self._vs
+        exists = os.path.exists(self._file("CURRENT"))
+        if exists:
+            if opts.error_if_exists:
+                raise InvalidArgument(f"{self.path}: database exists (error_if_exists is on)")
+            vs.recover()
+        elif any(n.startswith("MANIFEST-") or n.endswith(".sst") for n in os.listdir(self.path)):
+            raise Corruption(self._file("CURRENT"), None,
+                             "CURRENT is missing but tables or MANIFESTs exist")
+        for _, f in vs.current.files():
+            self._open_reader(f)
+        check_version(vs.current, self._file(f"MANIFEST-{vs.manifest_number:06d}"),
+                      vs.next_epoch, vs.next_file_number)
+
+        # Replay every WAL the MANIFEST does not cover, oldest first.
+        logs = sorted(int(m.group(1)) for m in map(_FILE_RE.match, os.listdir(self.path))
+                      if m and m.group(2) == "log")
+        edit = VersionEdit()
+        max_seq = vs.last_sequence
+        mem = MemTable(0)
+        for number in logs:
+            vs.next_file_number = max(vs.next_file_number, number + 1)
+            if number < vs.log_number:
+                continue
+            lpath = self._file(log_name(number))
+            for offset, payload in read_records(lpath):
+                seq, ops = decode_batch(lpath, offset, payload)
+                for i, (key, value) in enumerate(ops):
+                    mem.add(seq + i, key, value, _NO_SNAPSHOT)
+                max_seq = max(max_seq, seq + len(ops) - 1)
+                if mem.size >= opts.write_buffer_size:
+                    edit.new_files.append((0, self._write_level0(mem)))
+                    mem = MemTable(0)
+        if len(mem):
+            edit.new_files.append((0, self._write_level0(mem)))
+        vs.last_sequence = max_seq
+        log_number = vs.new_file_number()
+        vs.log_number = log_number
+        if edit.new_files:
+            vs.current = apply_edit(vs.current, edit)
+        vs.write_snapshot()
+        self._seq = max_seq
+        self._mem = MemTable(log_number)
+        self._imms: list[MemTable] = []
+        self._wal = LogWriter(self._file(log_name(log_number)))
+        self._publish(vs.current)
+        self._delete_obsolete_files(recovering=True)
+        opts.write_file(self.path)
+
+    def _write_level0(self, mem: MemTable) -> FileMeta:
+        """Flush a recovered memtable synchronously (recovery runs before any thread)."""
+        vs = self._vs
+        number = vs.new_file_number()
+        stats = flush_job(mem, self._file(table_name(number)), self.options.block_size,
+                          self.options.compression, self.options.bloom_bits_per_key)
+        f = FileMeta(number, stats["size"], stats["smallest"], stats["largest"],
+                     stats["smallest_seq"], stats["largest_seq"], vs.next_epoch,
+                     stats["num_entries"])
+        vs.next_epoch += 1
+        self._open_reader(f)
+        return f
+
+    def _delete_obsolete_files(self, recovering: bool = False) -> None:
+        """Remove tables, logs and MANIFESTs the current state no longer names.
+
+        Numbers are never reused, so a table below the allocation floor that is
+        neither pending nor live at the moment both are read is dead for good.
+        """
+        vs = self._vs
+        with self._vlock, self._lock:
+            floor = vs.next_file_number
+            pending = self._pending_tables
+            live_tables = {f.number for _, f in vs.current.files()}
+            live_logs = {m.log_number for m in self._imms} | {self._mem.log_number}
+            log_floor = vs.log_number
+            manifest = vs.manifest_number
+        for name in os.listdir(self.path):
+            m = _FILE_RE.match(name)
+            if not m:
+                continue
+            if m.group(2) == "sst":
+                n = int(m.group(1))
+                dead = n < floor and n not in pending and n not in live_tables
+            elif m.group(2) == "log":
+                n = int(m.group(1))
+                dead = n < log_floor and n not in live_logs
+            elif m.group(3):
+                dead = int(m.group(3)) != manifest
+            else:
+                # Temporary files of a crashed run; live ones exist only after open.
+                dead = recovering
+            if dead:
+                try:
+                    os.unlink(self._file(name))
+                except FileNotFoundError:
+                    pass
+
+    # ------------------------------------------------------------- publish
+
+    def _publish(self, version: Version) -> None:
+        """Make ``version`` and the memtables visible to readers (caller may hold _lock)."""
+        self._sv = (self._mem, tuple(reversed(self._imms)), version)
+        self._slowdown = len(version.levels[0]) >= self.options.level0_slowdown_writes_trigger
+
+    # --------------------------------------------------------------- writes
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise DBClosed(f"{self.path}: database is closed")
+        if self._bg_error is not None:
+            raise BackgroundError(f"{self.path}: writes stopped after a background error: "
+                                  f"{self._bg_error}")
+
+    def put(self, key: bytes, value: bytes, sync: bool = False) -> None:
+        if type(key) is not bytes:
+            key = _as_bytes(key, "key")
+        if type(value) is not bytes:
+            value = _as_bytes(value, "value")
+        if self._slowdown:
+            self._delay()
+        with self._lock:
+            if self._closed or self._bg_error is not None:
+                self._check_writable()
+            seq = self._seq + 1
+            payload = BATCH_HEADER.pack(seq, 1) + PUT_OP.pack(1, len(key), len(value)) + key + value
+            hdr = HEADER.pack(len(payload), crc32(payload))
+            self._wal.write(hdr + U32.pack(crc32(hdr)) + payload)
+            mem = self._mem
+            if self._snap_max < 0:
+                mem.table[key] = (seq, value)
+                mem.size += len(key) + len(value) + ENTRY_OVERHEAD
+            else:
+                mem.add(seq, key, value, self._snap_max)
+            self._seq = seq
+            if sync:
+                self._wal.sync()
+            if mem.size >= self.options.write_buffer_size:
+                self._make_room()
+
+    def delete(self, key: bytes, sync: bool = False) -> None:
+        batch = WriteBatch()
+        batch.delete(key)
+        self.write(batch, sync=sync)
+
+    def write(self, batch: WriteBatch, sync: bool = False) -> None:
+        """Apply every operation of ``batch`` atomically (one WAL record)."""
+        ops = batch._ops
+        if not ops:
+            if sync:
+                with self._lock:
+                    self._check_writable()
+                    self._wal.sync()
+            return
+        if self._slowdown:
+            self._delay()
+        with self._lock:
+            if self._closed or self._bg_error is not None:
+                self._check_writable()
+            first = self._seq + 1
+            payload = encode_batch(first, ops)
+            hdr = HEADER.pack(len(payload), crc32(payload))
+            self._wal.write(hdr + U32.pack(crc32(hdr)) + payload)
+            mem = self._mem
+            size = 0
+            if self._snap_max < 0:
+                # One dict.update is atomic for readers that take no lock.
+                update = {}
+                seq = first
+                for key, value in ops:
+                    update[key] = (seq, value)
+                    size += len(key) + (len(value) if value is not None else 0) + ENTRY_OVERHEAD
+                    seq += 1
+                mem.table.update(update)
+                mem.size += size
+            else:
+                for i, (key, value) in enumerate(ops):
+                    mem.add(first + i, key, value, self._snap_max)
+            self._seq = first + len(ops) - 1
+            if sync:
+                self._wal.sync()
+            if mem.size >= self.options.write_buffer_size:
+                self._make_room()
+
+    def _delay(self) -> None:
+        """Slow writers down while level 0 piles up, so compaction can catch up."""
+        self._write_count += 1
+        if self._write_count % 32 == 0:
+            time.sleep(0.001)
+
+    def _make_room(self, force: bool = False) -> None:
+        """Switch to a new memtable, waiting while flushes or level 0 are behind."""
+        opts = self.options
+        while force or self._mem.size >= opts.write_buffer_size:
+            if self._bg_error is not None:
+                self._check_writable()
+            if self._closed:
+                raise DBClosed(f"{self.path}: database is closed")
+            if len(self._imms) >= opts.max_write_buffer_number - 1:
+                self.stats["stall_waits"] += 1
+                self._cond.wait(1.0)
+                continue
+            if len(self._sv[2].levels[0]) >= opts.level0_stop_writes_trigger and not self._closing:
+                self.stats["stall_waits"] += 1
+                self._cond.wait(1.0)
+                continue
+            self._switch_memtable()
+            return
+
+    def _switch_memtable(self) -> None:
+        number = self._vs.new_file_number()
+        wal = LogWriter(self._file(log_name(number)))
+        self._wal.close()
+        self._wal = wal
+        self._imms.append(self._mem)
+        self._mem = MemTable(number)
+        self._publish(self._sv[2])
+        self._cond.notify_all()
+
+    # ---------------------------------------------------------------- reads
+
+    def get(self, key: bytes, snapshot: Snapshot | None = None) -> bytes | None:
+        """The value of ``key`` (at ``snapshot`` if given), or None."""
+        if type(key) is not bytes:
+            key = _as_bytes(key, "key")
+        mem, imms, version = self._sv
+        if snapshot is None:
+            snap = None
+            e = mem.table.get(key)
+            if e is not None:
+                return e[1] if type(e) is tuple else e[0][1]
+            for imm in imms:
+                e = imm.table.get(key)
+                if e is not None:
+                    return e[1] if type(e) is tuple else e[0][1]
+        else:
+            snap = snapshot.seq
+            found, value = mem.get(key, snap)
+            if found:
+                return value
+            for imm in imms:
+                found, value = imm.get(key, snap)
+                if found:
+                    return value
+        h = crc32(key)
+        levels = version.levels
+        for f in levels[0]:
+            if f.smallest <= key <= f.largest:
+                r = f.reader.get(key, h, snap)
+                if r is not MISS:
+                    return r  # type: ignore[return-value]
+        largests = version.largests
+        for level in range(1, len(levels)):
+            files = levels[level]
+            if not files:
+                continue
+            i = _bisect(largests[level], key)
+            if i < len(files):
+                f = files[i]
+                if f.smallest <= key:
+                    r = f.reader.get(key, h, snap)
+                    if r is not MISS:
+                        return r  # type: ignore[return-value]
+        return None
+
+    def iterator(self, lower: bytes | None = None, upper: bytes | None = None,
+                 reverse: bool = False,
+                 snapshot: Snapshot | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(key, value)`` for keys in ``[lower, upper)``, ascending or descending."""
+        if lower is not None:
+            lower = _as_bytes(lower, "lower")
+        if upper is not None:
+            upper = _as_bytes(upper, "upper")
+        with self._lock:
+            if self._closed:
+                raise DBClosed(f"{self.path}: database is closed")
+            mem, imms, version = self._sv
+            if snapshot is not None:
+                seq = snapshot.seq
+                own = None
+            else:
+                seq = self._seq
+                own = self._register_snapshot(seq)
+        return self._iterate(mem, imms, version, lower, upper, reverse, seq, own)
+
+    def _iterate(self, mem: MemTable, imms: tuple[MemTable, ...], version: Version,
+                 lower: bytes | None, upper: bytes | None, reverse: bool, seq: int,
+                 own: Snapshot | None) -> Iterator[tuple[bytes, bytes]]:
+        try:
+            if lower is not None and upper is not None and lower >= upper:
+                return
+            sign = -1 if reverse else 1
+            sources = []
+            rank = 0
+            for m in (mem, *imms):
+                if len(m):
+                    sources.append(m.scan(lower, upper, seq, sign * rank, reverse))
+                rank += 1
+            hi = None if upper is None else upper
+            for f in version.overlapping(0, lower, hi):
+                snap = None if f.largest_seq <= seq else seq
+                sources.append(f.reader.scan(lower, upper, snap, sign * rank, reverse))
+                rank += 1
+            for level in range(1, len(version.levels)):
+                files = version.overlapping(level, lower, hi)
+                if files:
+                    sources.append(_level_scan(files, lower, upper, seq, sign * rank, reverse))
+                rank += 1
+            if len(sources) == 1:
+                for key, _, value in sources[0]:
+                    if value is not None:
+                        yield key, value
+                return
+            last = None
+            for key, _, value in heapq.merge(*sources, reverse=reverse):
+                if key == last:
+                    continue
+                last = key
+                if value is not None:
+                    yield key, value
+        finally:
+            if own is not None:
+                own.release()
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self) -> Snapshot:
+        """A read view of everything written so far; use ``with`` or ``release()``."""
+        with self._lock:
+            if self._closed:
+                raise DBClosed(f"{self.path}: database is closed")
+            return self._register_snapshot(self._seq)
+
+    def _register_snapshot(self, seq: int) -> Snapshot:
+        self._snapshots[seq] = self._snapshots.get(seq, 0) + 1
+        if seq > self._snap_max:
+            self._snap_max = seq
+        return Snapshot(self, seq)
+
+    def _release_snapshot(self, seq: int) -> None:
+        with self._lock:
+            n = self._snapshots.get(seq, 0) - 1
+            if n > 0:
+                self._snapshots[seq] = n
+                return
+            self._snapshots.pop(seq, None)
+            if seq == self._snap_max:
+                self._snap_max = max(self._snapshots, default=_NO_SNAPSHOT)
+
+    # ------------------------------------------------------ background work
+
+    def _start_threads(self) -> None:
+        t = threading.Thread(target=self._flush_loop, name=f"lsmdb-flush:{self.path}", daemon=True)
+        self._threads.append(t)
+        t.start()
+        for i in range(self.options.max_background_compactions):
+            t = threading.Thread(target=self._compaction_loop,
+                                 name=f"lsmdb-compact{i}:{self.path}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _set_bg_error(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._bg_error is None:
+                if isinstance(exc, EngineError):
+                    self._bg_error = exc
+                else:
+                    self._bg_error = BackgroundError(f"{type(exc).__name__}: {exc}")
+            self._cond.notify_all()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._lock:
+                while (not self._imms or self._bg_error is not None) and not self._closing:
+                    self._cond.wait()
+                if not self._imms or self._bg_error is not None:
+                    return
+                imm = self._imms[0]
+            try:
+                self._flush_memtable(imm)
+            except BaseException as exc:  # noqa: BLE001 - reported to writers
+                self._set_bg_error(exc)
+
+    def _flush_memtable(self, imm: MemTable) -> None:
+        opts = self.options
+        vs = self._vs
+        with self._vlock:
+            number = vs.new_file_number()
+            self._pending_tables = self._pending_tables | {number}
+        path = self._file(table_name(number))
+        try:
+            stats = run_job(flush_job, imm, path, opts.block_size, opts.compression,
+                            opts.bloom_bits_per_key, isolated=opts.background_processes)
+            f = FileMeta(number, stats["size"], stats["smallest"], stats["largest"],
+                         stats["smallest_seq"], stats["largest_seq"], 0, stats["num_entries"])
+            self._open_reader(f)
+            with self._vlock:
+                with self._lock:
+                    log_number = self._imms[1].log_number if len(self._imms) > 1 \
+                        else self._mem.log_number
+                f.epoch = vs.next_epoch
+                edit = VersionEdit(log_number=log_number, last_sequence=stats["largest_seq"],
+                                   next_epoch=vs.next_epoch + 1, new_files=[(0, f)])
+                version = vs.log_and_apply(edit)
+                with self._lock:
+                    self._imms.pop(0)
+                    self._publish(version)
+                    self.stats["flushes"] += 1
+                    self.stats["bytes_flushed"] += f.size
+                    self._cond.notify_all()
+        finally:
+            self._pending_tables = self._pending_tables - {number}
+        self._delete_obsolete_files()
+
+    def _compaction_loop(self) -> None:
+        while True:
+            with self._lock:
+                c = None
+                while not self._closing:
+                    if self._bg_error is None and not self._manual_compactions:
+                        c = self._picker.pick(self._sv[2], self._busy)
+                        if c is not None:
+                            break
+                    self._cond.wait()
+                if c is None:
+                    return
+                self._mark_busy(c)
+            try:
+                self._run_compaction(c)
+            except BaseException as exc:  # noqa: BLE001 - reported to writers
+                self._set_bg_error(exc)
+            finally:
+                self._unmark_busy(c)
+
+    def _mark_busy(self, c: Compaction) -> None:
+        self._busy.update(f.number for f in c.all_inputs)
+        self._running_compactions += 1
+
+    def _unmark_busy(self, c: Compaction) -> None:
+        with self._lock:
+            self._busy.difference_update(f.number for f in c.all_inputs)
+            self._running_compactions -= 1
+            self._cond.notify_all()
+
+    def _run_compaction(self, c: Compaction) -> None:
+        opts = self.options
+        vs = self._vs
+        deleted = [(c.level, f.number) for f in c.inputs] + \
+                  [(c.output_level, f.number) for f in c.overlapping]
+        if c.trivial_move:
+            f = c.inputs[0]
+            edit = VersionEdit(deleted_files=deleted, new_files=[(c.output_level, f)])
+            self._install(edit, [])
+            self.stats["trivial_moves"] += 1
+            return
+        if c.level == 0:
+            groups = [[self._file(table_name(f.number))] for f in c.inputs]
+        else:
+            groups = [[self._file(table_name(f.number)) for f in c.inputs]]
+        groups.append([self._file(table_name(f.number)) for f in c.overlapping])
+        with self._lock:
+            snapshots = list(self._snapshots)
+            tag = f"compaction-{vs.new_file_number()}-"
+        outputs = run_job(compaction_job, groups, self._file(tag), snapshots, c.bottommost,
+                          opts.target_file_size_base, opts.block_size, opts.compression,
+                          opts.bloom_bits_per_key, isolated=opts.background_processes)
+        epoch = c.epoch
+        new_files = []
+        try:
+            with self._vlock:
+                numbers = [vs.new_file_number() for _ in outputs]
+                self._pending_tables = self._pending_tables | set(numbers)
+            for number, out in zip(numbers, outputs, strict=True):
+                os.rename(out["path"], self._file(table_name(number)))
+                f = FileMeta(number, out["size"], out["smallest"], out["largest"],
+                             out["smallest_seq"], out["largest_seq"], epoch, out["num_entries"])
+                self._open_reader(f)
+                new_files.append((c.output_level, f))
+            sync_dir(self.path)
+            self._install(VersionEdit(deleted_files=deleted, new_files=new_files), c.all_inputs)
+        finally:
+            for out in outputs:
+                if os.path.exists(out["path"]):
+                    os.unlink(out["path"])
+            self._pending_tables = self._pending_tables - {f.number for _, f in new_files}
+        self.stats["compactions"] += 1
+        self.stats["bytes_compacted_in"] += sum(f.size for f in c.all_inputs)
+        self.stats["bytes_compacted_out"] += sum(f.size for _, f in new_files)
+
+    def _install(self, edit: VersionEdit, obsolete: list[FileMeta]) -> None:
+        """Apply ``edit`` to the version current now and publish it."""
+        with self._vlock:
+            version = self._vs.log_and_apply(edit)
+            with self._lock:
+                self._publish(version)
+                self._cond.notify_all()
+        for f in obsolete:
+            if f.reader is not None:
+                self.cache.erase_table(f.number << 24, f.reader.num_blocks)
+            try:
+                os.unlink(self._file(table_name(f.number)))
+            except FileNotFoundError:
+                pass
+
+    # ------------------------------------------------------- manual control
+
+    def flush(self) -> None:
+        """Write the memtable to a level-0 table and wait until all flushes are done."""
+        with self._lock:
+            self._check_writable()
+            if len(self._mem):
+                self._make_room(force=True)
+            while self._imms:
+                if self._bg_error is not None:
+                    self._check_writable()
+                self._cond.wait(1.0)
+            self._wal.flush()
+
+    def compact_range(self, begin: bytes | None = None, end: bytes | None = None) -> None:
+        """Flush, then merge every level's tables meeting ``[begin, end]`` downwards."""
+        if begin is not None:
+            begin = _as_bytes(begin, "begin")
+        if end is not None:
+            end = _as_bytes(end, "end")
+        self.flush()
+        with self._lock:
+            self._manual_compactions += 1
+            try:
+                while self._running_compactions:
+                    self._cond.wait(1.0)
+            except BaseException:
+                self._manual_compactions -= 1
+                raise
+        try:
+            version = self._sv[2]
+            last = max((lv for lv, files in enumerate(version.levels) if files), default=0)
+            for level in range(max(last, 1)):
+                with self._lock:
+                    c = self._picker.pick_range(self._sv[2], level, begin, end, self._busy)
+                    if c is None:
+                        continue
+                    self._mark_busy(c)
+                try:
+                    self._run_compaction(c)
+                finally:
+                    self._unmark_busy(c)
+        finally:
+            with self._lock:
+                self._manual_compactions -= 1
+                self._cond.notify_all()
+
+    def wait_for_compactions(self, timeout: float = 60.0) -> None:
+        """Block until no compaction is running or pending (for tests and tools)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while time.monotonic() < deadline:
+                if self._bg_error is not None:
+                    self._check_writable()
+                idle = not self._imms and not self._running_compactions and \
+                    self._picker.pick(self._sv[2], self._busy) is None
+                if idle:
+                    return
+                self._cond.wait(0.1)
+
+    # ---------------------------------------------------------- inspection
+
+    def check(self) -> None:
+        """Verify level invariants and every block checksum; raise Corruption if bad."""
+        if self._closed:
+            raise DBClosed(f"{self.path}: database is closed")
+        version = self._sv[2]
+        vs = self._vs
+        check_version(version, self._file(f"MANIFEST-{vs.manifest_number:06d}"),
+                      vs.next_epoch, vs.next_file_number)
+        for level, f in version.files():
+            reader = f.reader
+            path = reader.path
+            if os.path.getsize(path) != f.size:
+                raise Corruption(path, None, "table size differs from the MANIFEST")
+            reader.verify()
+            if reader.num_blocks:
+                first = reader.block(0)[0][0]
+                if first < f.smallest or reader.index_keys[-1] > f.largest:
+                    raise Corruption(path, None, f"keys outside the MANIFEST's range (level {level})")
+
+    def property(self, name: str) -> object:
+        """Introspection: ``levels`` (files and bytes per level), ``stats``, ``sequence``."""
+        version = self._sv[2]
+        if name == "levels":
+            return [{"files": len(files), "bytes": sum(f.size for f in files)}
+                    for files in version.levels]
+        if name == "level0_epochs":
+            return [f.epoch for f in version.levels[0]]
+        if name == "sequence":
+            return self._seq
+        if name == "stats":
+            mem, imms, _ = self._sv
+            out = dict(self.stats)
+            out.update(memtable_bytes=mem.size, immutable_memtables=len(imms),
+                       block_cache_usage=self.cache.usage, block_cache_hits=self.cache.hits,
+                       block_cache_misses=self.cache.misses, sequence=self._seq,
+                       live_snapshots=sum(self._snapshots.values()))
+            return out
+        raise InvalidArgument(f"unknown property {name!r}")
+
+    # ---------------------------------------------------------------- close
+
+    def close(self) -> None:
+        """Flush the memtable, wait for background work, release the lock."""
+        if self._closed:
+            return
+        try:
+            if self._bg_error is None:
+                self.flush()
+        finally:
+            with self._lock:
+                self._closing = True
+                self._cond.notify_all()
+            for t in self._threads:
+                t.join()
+            with self._lock:
+                self._closed = True
+                try:
+                    self._wal.close(sync=True)
+                finally:
+                    self._vs.close()
+                    self._release_lock()
+                    self.cache.clear()
+
+    def __enter__(self) -> DB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+
+def _level_scan(files: list[FileMeta], lower: bytes | None, upper: bytes | None, seq: int,
+                rank: int, reverse: bool) -> Iterator[tuple[bytes, int, bytes | None]]:
+    for f in reversed(files) if reverse else files:
+        snap = None if f.largest_seq <= seq else seq
+        yield from f.reader.scan(lower, upper, snap, rank, reverse)

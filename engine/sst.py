@@ -1,0 +1,451 @@
+"""Sorted string tables (``n.sst``): building and reading.
+
+Layout (all integers little-endian; docs/engine-format.md is the full description)::
+
+    data block 0 | trailer ... data block n-1 | trailer
+    index block | trailer          last key of each data block -> (offset u64, size u32)
+    filter block | trailer         bloom filter over all user keys (engine/bloom.py)
+    range-tombstone block | trailer  start key -> end key, tag carries the sequence
+    properties block | trailer     JSON object
+    footer (64 bytes)              four block handles, format version, crc32, magic
+
+Every block is followed by a 5-byte trailer ``compression u8 | crc32 u32`` where the
+crc covers the stored block bytes and the compression byte. A block's contents::
+
+    key bytes | value bytes | key_offsets u32[n+1] | value_offsets u32[n+1] | tags u64[n] | n u32
+
+Entries are sorted by user key ascending, then tag (``seq << 8 | kind``) descending.
+Invariant: a reader returns bytes only from blocks whose checksum verified; anything
+else raises ``Corruption`` naming the file and the block offset.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import sys
+import zlib
+from bisect import bisect_left
+from collections.abc import Iterator
+from itertools import accumulate
+from zlib import crc32
+
+from .block_cache import BlockCache
+from .bloom import BloomFilter, build_filter
+from .errors import Corruption
+
+MAGIC = 0x7464656673737431  # "tdefsst1"
+FORMAT_VERSION = 1
+FOOTER = struct.Struct("<QIQIQIQIIIQ")
+FOOTER_SIZE = FOOTER.size  # 64
+TRAILER_SIZE = 5
+HANDLE = struct.Struct("<QI")
+U32 = struct.Struct("<I")
+
+KIND_DELETE = 0
+KIND_PUT = 1
+KIND_RANGE_DELETE = 2
+
+COMPRESSION_NONE = 0
+COMPRESSION_ZLIB = 1
+COMPRESSIONS = {"none": COMPRESSION_NONE, "zlib": COMPRESSION_ZLIB}
+
+_NATIVE_LE = sys.byteorder == "little"
+
+
+class _Miss:
+    """The key has no visible version in this source."""
+
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+MISS = _Miss()
+
+
+def encode_block(keys: list[bytes], tags: list[int], values: list[bytes]) -> bytes:
+    n = len(keys)
+    key_data = b"".join(keys)
+    value_data = b"".join(values)
+    koffs = list(accumulate(map(len, keys), initial=0))
+    voffs = list(accumulate(map(len, values), initial=len(key_data)))
+    return b"".join((
+        key_data, value_data,
+        struct.pack(f"<{n + 1}I", *koffs),
+        struct.pack(f"<{n + 1}I", *voffs),
+        struct.pack(f"<{n}Q", *tags),
+        U32.pack(n),
+    ))
+
+
+def _unpack_array(data: bytes, start: int, count: int, code: str) -> list[int]:
+    width = 4 if code == "I" else 8
+    if _NATIVE_LE:
+        return memoryview(data)[start:start + count * width].cast(code).tolist()
+    return list(struct.unpack_from(f"<{count}{code}", data, start))
+
+
+def decode_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], list[int], list[int], bytes]:
+    """Decode block contents into ``(keys, tags, value_offsets, data)``."""
+    size = len(data)
+    if size < 8:
+        raise Corruption(path, offset, "block too short")
+    (n,) = U32.unpack_from(data, size - 4)
+    base = size - 4 - 8 * n - 8 * (n + 1)
+    if base < 0:
+        raise Corruption(path, offset, "block entry count out of range")
+    ko = _unpack_array(data, base, n + 1, "I")
+    vo = _unpack_array(data, base + 4 * (n + 1), n + 1, "I")
+    tags = _unpack_array(data, base + 8 * (n + 1), n, "Q")
+    if ko[0] != 0 or ko[n] != vo[0] or vo[n] != base:
+        raise Corruption(path, offset, "block offsets inconsistent")
+    keys = [data[s:e] for s, e in zip(ko, ko[1:], strict=False)]
+    return keys, tags, vo, data
+
+
+class TableBuilder:
+    """Writes one SST from entries added in sorted order; ``finish`` returns its stats."""
+
+    def __init__(self, path: str, block_size: int = 4096, compression: str = "none",
+                 bloom_bits_per_key: int = 10) -> None:
+        self.path = path
+        self._file = open(path, "wb", buffering=1 << 20)  # noqa: SIM115
+        self._offset = 0
+        self._block_size = block_size
+        self._compression = COMPRESSIONS[compression]
+        self._bloom_bits = bloom_bits_per_key
+        self._keys: list[bytes] = []
+        self._tags: list[int] = []
+        self._values: list[bytes] = []
+        self._block_bytes = 0
+        self._index_keys: list[bytes] = []
+        self._index_values: list[bytes] = []
+        self._hashes: list[int] = []
+        self._last_key: bytes | None = None
+        self._range_dels: list[tuple[bytes, int, bytes]] = []
+        self.num_entries = 0
+        self.num_deletions = 0
+        self.smallest_seq = 1 << 62
+        self.largest_seq = 0
+        self.first_key: bytes | None = None
+
+    @property
+    def file_size(self) -> int:
+        return self._offset + self._block_bytes
+
+    def add(self, key: bytes, seq: int, value: bytes | None) -> None:
+        """Add a version; ``value`` None is a deletion. Keys ascending, seqs descending."""
+        if key != self._last_key:
+            self._hashes.append(crc32(key))
+            self._last_key = key
+            if self.first_key is None:
+                self.first_key = key
+        if value is None:
+            self._tags.append(seq << 8 | KIND_DELETE)
+            self._values.append(b"")
+            self.num_deletions += 1
+            self._block_bytes += len(key) + 16
+        else:
+            self._tags.append(seq << 8 | KIND_PUT)
+            self._values.append(value)
+            self._block_bytes += len(key) + len(value) + 16
+        self._keys.append(key)
+        self.num_entries += 1
+        if seq < self.smallest_seq:
+            self.smallest_seq = seq
+        if seq > self.largest_seq:
+            self.largest_seq = seq
+        if self._block_bytes >= self._block_size:
+            self._finish_data_block()
+
+    def add_range_tombstone(self, start: bytes, end: bytes, seq: int) -> None:
+        """Record that keys in ``[start, end)`` at sequences below ``seq`` are deleted."""
+        self._range_dels.append((start, seq, end))
+        if seq < self.smallest_seq:
+            self.smallest_seq = seq
+        if seq > self.largest_seq:
+            self.largest_seq = seq
+
+    def _write_block(self, contents: bytes, compress: bool) -> tuple[int, int]:
+        kind = COMPRESSION_NONE
+        if compress and self._compression == COMPRESSION_ZLIB:
+            packed = zlib.compress(contents, 1)
+            if len(packed) < len(contents) - len(contents) // 8:
+                contents = packed
+                kind = COMPRESSION_ZLIB
+        trailer_kind = bytes((kind,))
+        crc = crc32(trailer_kind, crc32(contents))
+        self._file.write(contents + trailer_kind + U32.pack(crc))
+        handle = (self._offset, len(contents))
+        self._offset += len(contents) + TRAILER_SIZE
+        return handle
+
+    def _finish_data_block(self) -> None:
+        if not self._keys:
+            return
+        off, size = self._write_block(encode_block(self._keys, self._tags, self._values), True)
+        self._index_keys.append(self._keys[-1])
+        self._index_values.append(HANDLE.pack(off, size))
+        self._keys = []
+        self._tags = []
+        self._values = []
+        self._block_bytes = 0
+
+    def finish(self) -> dict:
+        """Write index, filter, tombstones, properties and footer; fsync; return stats."""
+        self._finish_data_block()
+        index = self._write_block(
+            encode_block(self._index_keys, [0] * len(self._index_keys), self._index_values), False)
+        filt = self._write_block(build_filter(self._hashes, self._bloom_bits), False)
+        rdels = sorted(self._range_dels)
+        rdel = self._write_block(encode_block(
+            [r[0] for r in rdels], [r[1] << 8 | KIND_RANGE_DELETE for r in rdels],
+            [r[2] for r in rdels]), False)
+        smallest = self.first_key
+        largest = self._index_keys[-1] if self._index_keys else None
+        # The key range covers every range tombstone, whatever order they came in.
+        for start, _, end in rdels:
+            if smallest is None or start < smallest:
+                smallest = start
+            if largest is None or end > largest:
+                largest = end
+        if smallest is None or largest is None:
+            smallest = largest = b""
+        props = {
+            "format_version": FORMAT_VERSION,
+            "num_entries": self.num_entries,
+            "num_deletions": self.num_deletions,
+            "num_range_deletions": len(rdels),
+            "num_data_blocks": len(self._index_keys),
+            "smallest_key": smallest.hex(),
+            "largest_key": largest.hex(),
+            "smallest_seq": self.smallest_seq if self.num_entries or rdels else 0,
+            "largest_seq": self.largest_seq,
+            "compression": self._compression,
+        }
+        propb = self._write_block(json.dumps(props, sort_keys=True).encode(), False)
+        head = FOOTER.pack(*index, *filt, *rdel, *propb, FORMAT_VERSION, 0, MAGIC)
+        crc = crc32(head[:52])
+        self._file.write(head[:52] + U32.pack(crc) + head[56:])
+        self._offset += FOOTER_SIZE
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return {
+            "size": self._offset,
+            "smallest": smallest,
+            "largest": largest,
+            "smallest_seq": props["smallest_seq"],
+            "largest_seq": self.largest_seq,
+            "num_entries": self.num_entries,
+        }
+
+    def abandon(self) -> None:
+        self._file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class TableReader:
+    """Reads one SST through mmap; footer, index, filter and tombstones load at open."""
+
+    def __init__(self, path: str, number: int, cache: BlockCache | None = None) -> None:
+        self.path = path
+        self.number = number
+        self.cache = cache
+        self._cache_base = number << 24
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size < FOOTER_SIZE:
+                raise Corruption(path, 0, f"file of {size} bytes is too short for a footer")
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        self.size = size
+        foot_off = size - FOOTER_SIZE
+        footer = self._mm[foot_off:]
+        fields = FOOTER.unpack(footer)
+        if fields[-1] != MAGIC:
+            raise Corruption(path, foot_off, "bad table magic number in footer")
+        if crc32(footer[:52]) != fields[9]:
+            raise Corruption(path, foot_off, "bad footer checksum")
+        if fields[8] != FORMAT_VERSION:
+            raise Corruption(path, foot_off, f"unsupported table format version {fields[8]}")
+        handles = [(fields[i], fields[i + 1]) for i in (0, 2, 4, 6)]
+        for off, sz in handles:
+            if off + sz + TRAILER_SIZE > foot_off:
+                raise Corruption(path, foot_off, "block handle in footer points past the end")
+        self.footer_handles = handles
+        ikeys, _, ivo, idata = decode_block(self._read(*handles[0]), path, handles[0][0])
+        self.index_keys = ikeys
+        self.handles: list[tuple[int, int]] = []
+        for i in range(len(ikeys)):
+            v = idata[ivo[i]:ivo[i + 1]]
+            if len(v) != HANDLE.size:
+                raise Corruption(path, handles[0][0], "bad block handle in index")
+            off, sz = HANDLE.unpack(v)
+            if off + sz + TRAILER_SIZE > handles[0][0]:
+                raise Corruption(path, handles[0][0], "index points past the data blocks")
+            self.handles.append((off, sz))
+        self.num_blocks = len(self.handles)
+        self.bloom = BloomFilter(self._read(*handles[1]))
+        rkeys, rtags, rvo, rdata = decode_block(self._read(*handles[2]), path, handles[2][0])
+        self.range_tombstones = [
+            (rkeys[i], rdata[rvo[i]:rvo[i + 1]], rtags[i] >> 8) for i in range(len(rkeys))]
+        try:
+            self.properties = json.loads(self._read(*handles[3]))
+        except ValueError:
+            raise Corruption(path, handles[3][0], "properties block is not JSON") from None
+
+    def _read(self, off: int, size: int) -> bytes:
+        """Read and verify the block at ``off``; return its uncompressed contents."""
+        raw = self._mm[off:off + size + TRAILER_SIZE]
+        if len(raw) != size + TRAILER_SIZE:
+            raise Corruption(self.path, off, "block runs past the end of the file")
+        (crc,) = U32.unpack_from(raw, size + 1)
+        if crc32(memoryview(raw)[:size + 1]) != crc:
+            raise Corruption(self.path, off, "block checksum mismatch")
+        kind = raw[size]
+        if kind == COMPRESSION_NONE:
+            return raw[:size]
+        if kind == COMPRESSION_ZLIB:
+            try:
+                return zlib.decompress(memoryview(raw)[:size])
+            except zlib.error:
+                raise Corruption(self.path, off, "block does not decompress") from None
+        raise Corruption(self.path, off, f"unknown block compression {kind}")
+
+    def block(self, i: int) -> tuple[list[bytes], list[int], list[int], bytes]:
+        cache = self.cache
+        if cache is not None:
+            blk = cache.get(self._cache_base + i)
+            if blk is not None:
+                return blk
+        off, size = self.handles[i]
+        blk = decode_block(self._read(off, size), self.path, off)
+        if cache is not None:
+            cache.insert(self._cache_base + i, blk, len(blk[3]) + 90 * len(blk[0]) + 200)
+        return blk
+
+    def get(self, key: bytes, h: int, snap: int | None) -> object:
+        """Newest version of ``key`` visible at ``snap``: bytes, None (deleted) or MISS."""
+        if not self.bloom.may_contain(h):
+            return MISS
+        index_keys = self.index_keys
+        i = bisect_left(index_keys, key)
+        n = self.num_blocks
+        while i < n:
+            keys, tags, vo, data = self.block(i)
+            j = bisect_left(keys, key)
+            m = len(keys)
+            while j < m and keys[j] == key:
+                tag = tags[j]
+                if snap is None or tag >> 8 <= snap:
+                    if tag & 0xFF == KIND_PUT:
+                        return data[vo[j]:vo[j + 1]]
+                    return None
+                j += 1
+            if j < m:
+                return MISS
+            i += 1  # versions of this key continue in the next block
+        return MISS
+
+    def scan(self, lower: bytes | None, upper: bytes | None, snap: int | None, rank: int,
+             reverse: bool = False) -> Iterator[tuple[bytes, int, bytes | None]]:
+        """Yield ``(key, rank, value)``: per key in range the newest version visible."""
+        if reverse:
+            yield from self._scan_reverse(lower, upper, snap, rank)
+            return
+        n = self.num_blocks
+        bi = bisect_left(self.index_keys, lower) if lower is not None else 0
+        prev = None
+        first = True
+        while bi < n:
+            keys, tags, vo, data = self.block(bi)
+            start = bisect_left(keys, lower) if first and lower is not None else 0
+            first = False
+            bounded = upper is not None and keys[-1] >= upper
+            for j in range(start, len(keys)):
+                k = keys[j]
+                if k == prev:
+                    continue
+                if bounded and k >= upper:
+                    return
+                tag = tags[j]
+                if snap is not None and tag >> 8 > snap:
+                    continue
+                prev = k
+                if tag & 0xFF:
+                    yield k, rank, data[vo[j]:vo[j + 1]]
+                else:
+                    yield k, rank, None
+            bi += 1
+
+    def _scan_reverse(self, lower: bytes | None, upper: bytes | None, snap: int | None,
+                      rank: int) -> Iterator[tuple[bytes, int, bytes | None]]:
+        bi = bisect_left(self.index_keys, upper) if upper is not None else self.num_blocks - 1
+        bi = min(bi, self.num_blocks - 1)
+        pend_key = None
+        pend_val = None
+        have = False
+        while bi >= 0:
+            keys, tags, vo, data = self.block(bi)
+            for j in range(len(keys) - 1, -1, -1):
+                k = keys[j]
+                if upper is not None and k >= upper:
+                    continue
+                if lower is not None and k < lower:
+                    if have:
+                        yield pend_key, rank, pend_val
+                    return
+                if k != pend_key:
+                    if have:
+                        yield pend_key, rank, pend_val
+                    pend_key = k
+                    have = False
+                tag = tags[j]
+                if snap is None or tag >> 8 <= snap:
+                    # Walking backwards, later hits for the same key are newer versions.
+                    have = True
+                    pend_val = data[vo[j]:vo[j + 1]] if tag & 0xFF else None
+            bi -= 1
+        if have:
+            yield pend_key, rank, pend_val
+
+    def entries(self) -> Iterator[tuple[bytes, int, bytes | None]]:
+        """Every version as ``(key, tag, value-or-None)``, bypassing the block cache."""
+        for off, size in self.handles:
+            keys, tags, vo, data = decode_block(self._read(off, size), self.path, off)
+            for j, k in enumerate(keys):
+                tag = tags[j]
+                yield k, tag, data[vo[j]:vo[j + 1]] if tag & 0xFF else None
+
+    def verify(self) -> int:
+        """Check every block's checksum and the ordering of all entries; return entry count."""
+        prev: tuple[bytes, int] | None = None
+        count = 0
+        for bi, (off, size) in enumerate(self.handles):
+            keys, tags, _, _ = decode_block(self._read(off, size), self.path, off)
+            if not keys:
+                raise Corruption(self.path, off, "empty data block")
+            if keys[-1] != self.index_keys[bi]:
+                raise Corruption(self.path, off, "index key does not match the block's last key")
+            for k, t in zip(keys, tags, strict=True):
+                if prev is not None and (k < prev[0] or (k == prev[0] and t >= prev[1])):
+                    raise Corruption(self.path, off, "entries out of order")
+                prev = (k, t)
+                count += 1
+        if count != self.properties.get("num_entries", count):
+            raise Corruption(self.path, None, "entry count differs from properties")
+        return count
+
+    def close(self) -> None:
+        try:
+            self._mm.close()
+        except (BufferError, ValueError):
+            pass

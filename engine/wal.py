@@ -1,0 +1,155 @@
+"""Record framing shared by the write-ahead log (n.log) and the MANIFEST.
+
+A log is a sequence of records, each ``length u32 | payload_crc u32 | header_crc u32 |
+payload`` (little-endian; crc32 of zlib; header_crc covers the first 8 bytes).
+Invariant: a record is either read back whole with both checksums good, or reading
+stops: at a torn tail (the last write of a crashed process) silently, anywhere else
+with ``Corruption`` naming the file and the record's offset.
+
+WAL payloads are write batches (see ``encode_batch``): ``seq u64 | count u32`` then
+``count`` operations, each ``kind u8 | key_len u32 | [value_len u32] | key | [value]``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from zlib import crc32
+
+from .errors import Corruption
+
+HEADER = struct.Struct("<II")
+U32 = struct.Struct("<I")
+HEADER_SIZE = 12
+
+KIND_DELETE = 0
+KIND_PUT = 1
+
+BATCH_HEADER = struct.Struct("<QI")
+PUT_OP = struct.Struct("<BII")
+DELETE_OP = struct.Struct("<BI")
+
+
+def frame(payload: bytes) -> bytes:
+    """Return the on-disk bytes of one record carrying ``payload``."""
+    hdr = HEADER.pack(len(payload), crc32(payload))
+    return hdr + U32.pack(crc32(hdr)) + payload
+
+
+class LogWriter:
+    """Appends records to a log file; buffered until ``flush`` or ``sync``."""
+
+    def __init__(self, path: str, buffer_size: int = 1 << 16) -> None:
+        self.path = path
+        self._file = open(path, "ab", buffering=buffer_size)  # noqa: SIM115
+        # Bound method kept for the hot write path.
+        self.write = self._file.write
+
+    def add(self, payload: bytes) -> None:
+        hdr = HEADER.pack(len(payload), crc32(payload))
+        self.write(hdr + U32.pack(crc32(hdr)) + payload)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fdatasync(self._file.fileno())
+
+    def close(self, sync: bool = False) -> None:
+        if self._file.closed:
+            return
+        if sync:
+            self.sync()
+        self._file.close()
+
+
+def _all_zero(data: bytes | memoryview, start: int) -> bool:
+    tail = data[start:]
+    return not any(tail) if len(tail) < 4096 else bytes(tail).count(0) == len(tail)
+
+
+def read_records(path: str, data: bytes | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(offset, payload)`` for every whole record of the log at ``path``.
+
+    A torn tail ends the iteration quietly: a partial header, a record that runs
+    past the end of the file, or a zero-filled remainder. Any other checksum
+    failure raises ``Corruption`` with the record's offset.
+    """
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
+    size = len(data)
+    pos = 0
+    while pos < size:
+        if size - pos < HEADER_SIZE:
+            return
+        length, pcrc = HEADER.unpack_from(data, pos)
+        (hcrc,) = U32.unpack_from(data, pos + 8)
+        if crc32(data[pos:pos + 8]) != hcrc:
+            if _all_zero(data, pos):
+                return
+            raise Corruption(path, pos, "bad record header checksum")
+        start = pos + HEADER_SIZE
+        end = start + length
+        if end > size:
+            return
+        payload = data[start:end]
+        if crc32(payload) != pcrc:
+            # A crash can leave a zero-filled last record on some filesystems.
+            if end == size and length and payload[-1] == 0:
+                return
+            raise Corruption(path, pos, "bad record payload checksum")
+        yield pos, payload
+        pos = end
+
+
+def encode_batch(seq: int, ops: list[tuple[bytes, bytes | None]]) -> bytes:
+    """Encode a write batch starting at sequence ``seq``; a value of None deletes."""
+    parts = [BATCH_HEADER.pack(seq, len(ops))]
+    append = parts.append
+    for key, value in ops:
+        if value is None:
+            append(DELETE_OP.pack(KIND_DELETE, len(key)))
+            append(key)
+        else:
+            append(PUT_OP.pack(KIND_PUT, len(key), len(value)))
+            append(key)
+            append(value)
+    return b"".join(parts)
+
+
+def decode_batch(path: str, offset: int, payload: bytes) -> tuple[int, list[tuple[bytes, bytes | None]]]:
+    """Decode a batch payload into ``(first_seq, ops)``; malformed bytes are Corruption."""
+    try:
+        seq, count = BATCH_HEADER.unpack_from(payload, 0)
+        pos = BATCH_HEADER.size
+        ops: list[tuple[bytes, bytes | None]] = []
+        for _ in range(count):
+            kind = payload[pos]
+            if kind == KIND_PUT:
+                _, klen, vlen = PUT_OP.unpack_from(payload, pos)
+                pos += PUT_OP.size
+                key = payload[pos:pos + klen]
+                pos += klen
+                value = payload[pos:pos + vlen]
+                pos += vlen
+                if len(value) != vlen:
+                    raise ValueError("short value")
+                ops.append((key, value))
+            elif kind == KIND_DELETE:
+                _, klen = DELETE_OP.unpack_from(payload, pos)
+                pos += DELETE_OP.size
+                key = payload[pos:pos + klen]
+                pos += klen
+                ops.append((key, None))
+            else:
+                raise ValueError(f"unknown operation kind {kind}")
+            if len(key) != klen:
+                raise ValueError("short key")
+        if pos != len(payload):
+            raise ValueError("trailing bytes")
+    except (struct.error, ValueError, IndexError) as exc:
+        raise Corruption(path, offset, f"malformed write batch ({exc})") from None
+    return seq, ops
