@@ -16,6 +16,7 @@ path. This table maps between the two. Invariants:
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -41,7 +42,7 @@ class Inode:
     def any_path(self) -> bytes:
         """A backing-relative path of this inode; FileNotFoundError when it has none."""
         if not self.paths:
-            raise FileNotFoundError(os.strerror(2))
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         # min() keeps the choice stable between calls
         return min(self.paths)
 
@@ -74,7 +75,7 @@ class InodeTable:
     def get(self, ino: int) -> Inode:
         inode = self._inodes.get(ino)
         if inode is None:
-            raise FileNotFoundError(os.strerror(2))
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         return inode
 
     def at_path(self, rel: bytes) -> Inode | None:

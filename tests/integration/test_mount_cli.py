@@ -1,0 +1,230 @@
+"""The mount's life cycle from the command line: errors are one line with a non-zero
+exit, the daemon survives failing requests, signals and dead daemons are cleaned up."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+from conftest import (
+    VaultPaths,
+    daemons_for,
+    force_cleanup,
+    is_mounted,
+    make_vault,
+    mount,
+    mounted_at,
+    require_fuse,
+    run_tdefs,
+)
+
+from mount.fs import VaultFS
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0
+    err = proc.stderr.decode().strip().splitlines()
+    err = [line for line in err if not line.startswith("tdefs: warning:")]
+    assert len(err) == 1 and err[0].startswith("tdefs: error: "), err
+    assert b"Traceback" not in proc.stderr
+    return err[0]
+
+
+def wait_gone(v: VaultPaths, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (daemons_for(v.mountpoint) or is_mounted(v.mountpoint)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_mounted(v.mountpoint)
+    assert not daemons_for(v.mountpoint)
+
+
+@pytest.fixture
+def v(tmp_path: Path) -> VaultPaths:
+    require_fuse()
+    vault = make_vault(tmp_path)
+    yield vault
+    force_cleanup(vault.mountpoint)
+
+
+def test_wrong_key_is_one_line_error(v: VaultPaths, tmp_path: Path) -> None:
+    other = make_vault(tmp_path, name="other")
+    proc = run_tdefs("mount", v.backing, v.mountpoint, "--key-file", other.key_file,
+                     "--log", v.log, check=False)
+    line = one_line_error(proc)
+    assert "key" in line.lower()
+    assert not is_mounted(v.mountpoint) and not daemons_for(v.mountpoint)
+
+
+def test_missing_vault_and_not_a_vault(v: VaultPaths, tmp_path: Path) -> None:
+    proc = run_tdefs("mount", tmp_path / "nowhere", v.mountpoint, *v.key_args(), check=False)
+    assert "nowhere" in one_line_error(proc)
+    plain = tmp_path / "plain-dir"
+    plain.mkdir()
+    proc = run_tdefs("mount", plain, v.mountpoint, *v.key_args(), check=False)
+    assert "not a tdefs vault" in one_line_error(proc)
+    assert not is_mounted(v.mountpoint)
+
+
+def test_missing_mountpoint(v: VaultPaths, tmp_path: Path) -> None:
+    proc = run_tdefs("mount", v.backing, tmp_path / "no-such-dir", *v.key_args(), check=False)
+    assert "does not exist" in one_line_error(proc)
+
+
+def test_mountpoint_inside_the_vault_is_refused(v: VaultPaths) -> None:
+    inner = v.backing / "mnt"
+    inner.mkdir()
+    proc = run_tdefs("mount", v.backing, inner, *v.key_args(), check=False)
+    assert "contain" in one_line_error(proc)
+
+
+def test_busy_mountpoint(v: VaultPaths, tmp_path: Path) -> None:
+    with mounted_at(v):
+        other = make_vault(tmp_path, name="second")
+        proc = run_tdefs("mount", other.backing, v.mountpoint, *other.key_args(), check=False)
+        assert "busy" in one_line_error(proc)
+        # the same vault twice, on another mountpoint: the vault is locked
+        proc = run_tdefs("mount", v.backing, other.mountpoint, *v.key_args(), check=False)
+        assert "in use" in one_line_error(proc)
+        assert not is_mounted(other.mountpoint)
+        assert (v.mountpoint / ".").exists()  # the first mount is untouched
+
+
+def test_no_dev_fuse(v: VaultPaths) -> None:
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount is not available here")
+    script = "mount -t tmpfs none /dev && exec " + " ".join(
+        [sys.executable, "-m", "mount.cli", "mount", str(v.backing), str(v.mountpoint),
+         *v.key_args()])
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, cwd=Path(__file__).resolve().parents[2])
+    assert "/dev/fuse" in one_line_error(proc)
+
+
+def test_status_and_umount_errors(v: VaultPaths) -> None:
+    proc = run_tdefs("status", v.mountpoint, check=False)
+    assert "not mounted" in one_line_error(proc)
+    proc = run_tdefs("umount", v.mountpoint, check=False)
+    assert "not mounted" in one_line_error(proc)
+    with mounted_at(v):
+        out = run_tdefs("status", v.mountpoint).stdout.decode()
+        pid = daemons_for(v.mountpoint)[0].pid
+        assert f"pid:            {pid}" in out
+        assert str(v.backing) in out and "aes-256-ctr" in out
+        with open(v.mountpoint / "held", "wb"):
+            proc = run_tdefs("umount", v.mountpoint, check=False)
+            assert "busy" in one_line_error(proc)
+            assert is_mounted(v.mountpoint)
+
+
+def test_mount_keys_through_the_control_socket(v: VaultPaths) -> None:
+    with mounted_at(v):
+        (v.mountpoint / "before").write_bytes(b"old key")
+        listed = run_tdefs("mount-keys", "list", v.mountpoint).stdout.decode()
+        assert len(listed.strip().splitlines()) == 2
+        rotated = run_tdefs("mount-keys", "rotate", v.mountpoint).stdout.decode()
+        assert "new active key: 2" in rotated
+        (v.mountpoint / "after").write_bytes(b"new key")
+        listed = run_tdefs("mount-keys", "list", v.mountpoint).stdout.decode().splitlines()
+        assert len(listed) == 3 and listed[2].rstrip().endswith("*")
+        # offline commands refuse a vault that is mounted
+        proc = run_tdefs("keys", "list", v.backing, *v.key_args(), check=False)
+        assert proc.returncode != 0
+    with mounted_at(v):
+        assert (v.mountpoint / "before").read_bytes() == b"old key"
+        assert (v.mountpoint / "after").read_bytes() == b"new key"
+
+
+def test_sigterm_flushes_and_unmounts(v: VaultPaths) -> None:
+    mount(v)
+    try:
+        (v.mountpoint / "unsynced").write_bytes(b"only in the page cache" * 1000)
+        [daemon] = daemons_for(v.mountpoint)
+        daemon.send_signal(signal.SIGTERM)
+        wait_gone(v)
+        assert "SIGTERM" in v.log.read_text()
+    finally:
+        force_cleanup(v.mountpoint)
+    with mounted_at(v):
+        assert (v.mountpoint / "unsynced").read_bytes() == b"only in the page cache" * 1000
+
+
+def test_umount_cleans_up_after_a_daemon_killed_inside_rename(v: VaultPaths) -> None:
+    with mounted_at(v):
+        (v.mountpoint / "CURRENT").write_bytes(b"old")
+    mount(v, env={"TDEFS_FAILPOINTS": "rename.after-intent=crash"})
+    try:
+        (v.mountpoint / "tmp").write_bytes(b"new")
+        with pytest.raises(OSError) as exc:
+            os.rename(v.mountpoint / "tmp", v.mountpoint / "CURRENT")
+        assert exc.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        deadline = time.monotonic() + 10
+        while daemons_for(v.mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not daemons_for(v.mountpoint)
+        assert is_mounted(v.mountpoint)  # a dead mount is left behind
+        proc = run_tdefs("mount", v.backing, v.mountpoint, *v.key_args(), check=False)
+        assert "busy" in one_line_error(proc)
+        run_tdefs("umount", v.mountpoint)
+        assert not is_mounted(v.mountpoint)
+    finally:
+        force_cleanup(v.mountpoint)
+    with mounted_at(v):
+        assert (v.mountpoint / "CURRENT").read_bytes() == b"old"
+        assert (v.mountpoint / "tmp").read_bytes() == b"new"
+
+
+def test_failing_request_gets_an_errno_and_the_daemon_stays(v: VaultPaths) -> None:
+    with mounted_at(v, env={"TDEFS_FAILPOINTS": "link.after-new=error"}):
+        m = v.mountpoint
+        (m / "a").write_bytes(b"contents")
+        with pytest.raises(OSError) as exc:
+            os.link(m / "a", m / "b")
+        assert exc.value.errno == errno.EIO
+        assert not (m / "b").exists()
+        (m / "c").write_bytes(b"still serving")
+        assert (m / "c").read_bytes() == b"still serving"
+        assert len(daemons_for(m)) == 1
+    assert "failpoint link.after-new" in v.log.read_text()
+
+
+class _BrokenVault:
+    """A vault whose every operation fails with an exception nobody expects."""
+
+    root = "/"
+
+    def __getattr__(self, name: str):
+        def broken(*args):
+            raise RuntimeError(f"{name} exploded")
+        return broken
+
+
+def test_unexpected_exception_becomes_eio(tmp_path: Path, caplog) -> None:
+    vault = _BrokenVault()
+    vault.root = str(tmp_path)
+    (tmp_path / "f").write_bytes(b"x")
+    fs = VaultFS(vault)  # type: ignore[arg-type]
+
+    async def attempt():
+        ctx = None
+        entry = await fs.lookup(pyfuse3.ROOT_INODE, b"f", ctx)
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await fs.unlink(pyfuse3.ROOT_INODE, b"f", ctx)
+        assert exc.value.errno == errno.EIO
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await fs.open(entry.st_ino, os.O_RDONLY, ctx)
+        assert exc.value.errno == errno.EIO
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await fs.getattr(12345, ctx)
+        assert exc.value.errno == errno.ENOENT
+
+    trio.run(attempt)
+    assert "unlink exploded" in caplog.text and "cipher_for exploded" in caplog.text
+    assert (tmp_path / "f").exists()
