@@ -4,7 +4,8 @@ Armed only by the environment variable ``TDEFS_FAILPOINTS`` read at import, e.g.
 ``TDEFS_FAILPOINTS="rename.after-intent=crash,create.after-new=error"``. Actions:
 ``crash`` ends the process at once with ``os._exit(CRASH_EXIT_CODE)`` (no cleanup, no
 flush of Python buffers: what the kernel already has is what survives), ``error``
-raises ``OSError(EIO)``. When the variable is unset, ``failpoint`` is a function that
+raises ``OSError(EIO)``. ``ACTION@N`` acts on the N-th time the point is reached
+(``dict.append.mid-write=crash@2`` tears the second record written). When the variable is unset, ``failpoint`` is a function that
 returns at once and ``ARMED`` is False, so call sites cost one call.
 
 ``FAILPOINTS`` lists every name used in the code; a test keeps it honest.
@@ -43,29 +44,36 @@ FAILPOINTS: tuple[str, ...] = (
 _ACTIONS = ("crash", "error")
 
 
-def _parse(spec: str) -> dict[str, str]:
-    armed: dict[str, str] = {}
+def _parse(spec: str) -> dict[str, tuple[str, int]]:
+    armed: dict[str, tuple[str, int]] = {}
     for item in spec.split(","):
         item = item.strip()
         if not item:
             continue
         name, _, action = item.partition("=")
-        action = action or "crash"
+        action, _, nth = (action or "crash").partition("@")
         if name not in FAILPOINTS:
             raise ValueError(f"{ENV_VAR}: unknown failpoint {name!r}")
         if action not in _ACTIONS:
             raise ValueError(f"{ENV_VAR}: unknown action {action!r} for {name}")
-        armed[name] = action
+        if nth and not (nth.isdigit() and int(nth) >= 1):
+            raise ValueError(f"{ENV_VAR}: bad hit count {nth!r} for {name}")
+        armed[name] = (action, int(nth or 1))
     return armed
 
 
 _armed = _parse(os.environ.get(ENV_VAR, ""))
+_hits: dict[str, int] = {}
 ARMED = bool(_armed)
 
 
 def _fire(name: str) -> None:
-    action = _armed.get(name)
-    if action is None:
+    armed = _armed.get(name)
+    if armed is None:
+        return
+    action, nth = armed
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] != nth:
         return
     if action == "crash":
         os._exit(CRASH_EXIT_CODE)

@@ -1,0 +1,166 @@
+"""Scenarios for the encfs crash tests.
+
+Each scenario has a ``setup`` (run in the test process, failpoints unarmed) that builds
+a vault and returns the tree's plaintext before the operation and what it must be
+after it, and an ``op`` that performs the one operation. The test runs
+``python encfs_crash_driver.py SCENARIO BACKING KEYFILE`` in a child with a failpoint
+armed; the child opens the vault, runs ``op`` and dies at the failpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from encfs import content  # noqa: E402
+from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE  # noqa: E402
+from encfs.masterkey import MasterKeySource  # noqa: E402
+from encfs.vault import INIT_DIR, META_DIR, Vault  # noqa: E402
+
+State = dict[str, bytes]
+
+
+def body(name: str) -> bytes:
+    """Distinct, non-trivial contents, so a file read with the wrong cipher shows."""
+    return (f"contents of {name} ".encode() * 40)[:700]
+
+
+def write_file(vault: Vault, rel: str, data: bytes) -> None:
+    fd, cipher = vault.create(rel.encode(), os.O_RDWR | os.O_CLOEXEC, 0o644)
+    try:
+        content.write_at(fd, cipher, data, 0)
+    finally:
+        os.close(fd)
+
+
+def read_tree(vault: Vault) -> State:
+    """Every regular file of the vault, decrypted with the cipher the vault gives it."""
+    root = os.fsencode(vault.root)
+    state: State = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == root:
+            dirnames[:] = [d for d in dirnames if d not in (META_DIR.encode(), INIT_DIR.encode())]
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not stat.S_ISREG(os.lstat(full).st_mode):
+                continue
+            rel = os.path.relpath(full, root)
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                state[os.fsdecode(rel)] = content.read_at(fd, vault.cipher_for(rel), 1 << 20, 0)
+            finally:
+                os.close(fd)
+    return state
+
+
+@dataclass
+class Scenario:
+    setup: Callable[[Vault], tuple[State, State]]
+    op: Callable[[Vault], None]
+
+
+def _files(vault: Vault, state: State) -> State:
+    for rel, data in state.items():
+        parent = os.path.dirname(rel)
+        if parent:
+            os.makedirs(vault.root / parent, exist_ok=True)
+        write_file(vault, rel, data)
+    return dict(state)
+
+
+def _setup_with(before: State, after: State, dirs: tuple[str, ...] = ()) -> Callable[[Vault], tuple[State, State]]:
+    def setup(vault: Vault) -> tuple[State, State]:
+        for d in dirs:
+            os.makedirs(vault.root / d, exist_ok=True)
+        _files(vault, before)
+        return dict(before), dict(after)
+
+    return setup
+
+
+K = body("keep")
+A, B, X, Y = body("a"), body("b"), body("d/x"), body("d/sub/y")
+M1, M2 = b"MANIFEST-000001\n" * 30, b"MANIFEST-000002\n" * 30
+
+
+def _setup_rewrite(vault: Vault) -> tuple[State, State]:
+    # many records for few live entries: the log a rewrite compacts
+    for i in range(30):
+        write_file(vault, f"tmp{i}", body(f"tmp{i}"))
+        vault.unlink(f"tmp{i}".encode())
+    state = _files(vault, {"keep": K, "a": A})
+    return state, dict(state)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "create": Scenario(
+        _setup_with({"keep": K}, {"keep": K, "new": b""}),
+        lambda v: os.close(v.create(b"new", os.O_WRONLY | os.O_CLOEXEC, 0o644)[0]),
+    ),
+    "unlink": Scenario(
+        _setup_with({"a": A, "keep": K}, {"keep": K}),
+        lambda v: v.unlink(b"a"),
+    ),
+    # the engine's "write CURRENT.tmp, rename over CURRENT"
+    "rename_over": Scenario(
+        _setup_with({"CURRENT": M1, "CURRENT.tmp": M2, "keep": K}, {"CURRENT": M2, "keep": K}),
+        lambda v: v.rename(b"CURRENT.tmp", b"CURRENT"),
+    ),
+    "rename_new": Scenario(
+        _setup_with({"a": A, "keep": K}, {"sub/b": A, "keep": K}, dirs=("sub",)),
+        lambda v: v.rename(b"a", b"sub/b"),
+    ),
+    "rename_dir": Scenario(
+        _setup_with({"d/x": X, "d/sub/y": Y, "keep": K}, {"e/x": X, "e/sub/y": Y, "keep": K},
+                    dirs=("e",)),
+        lambda v: v.rename(b"d", b"e"),
+    ),
+    "exchange": Scenario(
+        _setup_with({"a": A, "b": B}, {"a": B, "b": A}),
+        lambda v: v.rename(b"a", b"b", RENAME_EXCHANGE),
+    ),
+    "exchange_dir": Scenario(
+        _setup_with({"d/x": X, "e/y": Y}, {"d/y": Y, "e/x": X}),
+        lambda v: v.rename(b"d", b"e", RENAME_EXCHANGE),
+    ),
+    "noreplace": Scenario(
+        _setup_with({"a": A, "keep": K}, {"b": A, "keep": K}),
+        lambda v: v.rename(b"a", b"b", RENAME_NOREPLACE),
+    ),
+    "link": Scenario(
+        _setup_with({"a": A}, {"a": A, "b": A}),
+        lambda v: v.link(b"a", b"b"),
+    ),
+    "truncate": Scenario(
+        _setup_with({"a": A, "keep": K}, {"a": b"", "keep": K}),
+        lambda v: v.truncate_to_zero(b"a"),
+    ),
+    "rewrite": Scenario(_setup_rewrite, lambda v: v.files.rewrite()),
+    "rotate": Scenario(
+        _setup_with({"a": A, "keep": K}, {"a": A, "keep": K}),
+        lambda v: v.keys.rotate(),
+    ),
+}
+
+
+def main(argv: list[str]) -> int:
+    name, backing, key_file = argv
+    source = MasterKeySource.key_file(key_file)
+    if name == "init":
+        # the vault does not exist yet: the operation is making it
+        Vault.create(backing, source).close()
+        return 0
+    vault = Vault.open(backing, source)
+    SCENARIOS[name].op(vault)
+    vault.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
