@@ -109,6 +109,12 @@ class MasterKeySource:
     def __repr__(self) -> str:
         return f"MasterKeySource({self.kind!r})"
 
+    def check(self) -> None:
+        """Fail now, before anything is written, if the key cannot be had (key file)."""
+        if self.kind == "key-file":
+            assert self.path is not None
+            read_key_file(self.path)
+
     def new_header(self) -> dict[str, Any]:
         """The backend part of a new keys.dict header (no secrets)."""
         header: dict[str, Any] = {"backend": self.kind}

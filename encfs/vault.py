@@ -132,6 +132,7 @@ class Vault:
         """Make a vault in ``backing`` (created if missing; existing files stay
         plaintext). Refuses a non-empty ``.tdefs/``. A crash leaves no half vault."""
         check_method(method)
+        source.check()
         root = Path(os.path.abspath(backing))
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,19 @@ class Vault:
         if staging.exists():
             shutil.rmtree(staging)  # left by an init that crashed before publishing
         staging.mkdir(mode=0o700)
+        try:
+            cls._write_metadata(staging, root, source, method)
+            fsync_dir(staging)
+            failpoint("init.before-publish")
+            os.rename(staging, meta)  # replaces an empty .tdefs/ too
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_dir(root)
+        return cls.open(root, source)
+
+    @staticmethod
+    def _write_metadata(staging: Path, root: Path, source: MasterKeySource, method: str) -> None:
         keys = KeyStore.create(staging / KEYS_DICT, source, method, vault=str(root))
         FileDictionary.create(staging / FILES_DICT, keys.derive(MAC_KEY_LABEL))
         config = {
@@ -162,11 +176,6 @@ class Vault:
             os.fsync(fd)
         finally:
             os.close(fd)
-        fsync_dir(staging)
-        failpoint("init.before-publish")
-        os.rename(staging, meta)  # replaces an empty .tdefs/ too
-        fsync_dir(root)
-        return cls.open(root, source)
 
     @classmethod
     def open(cls, backing: str | Path, source: MasterKeySource, *, mode: str = "normal",

@@ -1,0 +1,128 @@
+"""`tdefs init`, `tdefs fsck [--repair]`, `tdefs keys list|rotate` (run in-process)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from encfs import content
+from encfs.masterkey import MasterKeySource
+from encfs.vault import Vault
+from mount.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def initialised(tmp_path, capsys) -> tuple[Path, Path]:
+    backing, key = tmp_path / "vault", tmp_path / "master.key"
+    code, out, _ = run(capsys, "init", str(backing), "--key-file", str(key), "--generate-key")
+    assert code == 0 and "initialised vault" in out
+    assert key.stat().st_mode & 0o777 == 0o600
+    return backing, key
+
+
+def write(backing: Path, key: Path, files: dict[str, bytes]) -> None:
+    with Vault.open(backing, MasterKeySource.key_file(key)) as v:
+        for name, data in files.items():
+            fd, cipher = v.create(name.encode(), os.O_WRONLY, 0o644)
+            content.write_at(fd, cipher, data, 0)
+            os.close(fd)
+
+
+def test_init_refuses_existing_vault_with_one_line_error(initialised, capsys):
+    backing, key = initialised
+    code, _, err = run(capsys, "init", str(backing), "--key-file", str(key))
+    assert code == 1
+    assert err.startswith("tdefs: error: ") and err.count("\n") == 1
+    code, _, err = run(capsys, "init", str(backing.parent / "x"), "--passphrase-env", "NO_SUCH_VAR_X")
+    assert code == 1 and "NO_SUCH_VAR_X" in err
+    code, _, err = run(capsys, "init", str(backing.parent / "y"), "--generate-key",
+                       "--passphrase-env", "X")
+    assert code == 1 and "--generate-key needs --key-file" in err
+
+
+def test_init_with_passphrase_file_and_method(tmp_path, capsys):
+    pw = tmp_path / "pw"
+    pw.write_text("hunter2\n")
+    code, out, _ = run(capsys, "init", str(tmp_path / "v"), "--passphrase-file", str(pw),
+                       "--method", "sm4-ctr")
+    assert code == 0 and "sm4-ctr" in out
+    code, out, _ = run(capsys, "keys", "list", str(tmp_path / "v"), "--passphrase-file", str(pw))
+    assert code == 0 and "sm4-ctr" in out
+    pw.write_text("hunter3\n")
+    code, _, err = run(capsys, "keys", "list", str(tmp_path / "v"), "--passphrase-file", str(pw))
+    assert code == 1 and "wrong master key" in err
+
+
+def test_keys_list_and_rotate(initialised, capsys):
+    backing, key = initialised
+    write(backing, key, {"a": b"A", "b": b"B"})
+    code, out, _ = run(capsys, "keys", "rotate", str(backing), "--key-file", str(key))
+    assert code == 0 and "new active data key 2" in out
+    write(backing, key, {"c": b"C"})
+    code, out, _ = run(capsys, "keys", "list", str(backing), "--key-file", str(key))
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [(r[0], r[-1]) for r in rows] == [("1", "2"), ("2", "1")]
+    assert "yes" in out.splitlines()[2] and "yes" not in out.splitlines()[1]
+
+
+def test_fsck_reports_stale_and_plaintext_then_repairs(initialised, capsys):
+    backing, key = initialised
+    write(backing, key, {"a": b"A", "gone": b"G"})
+    (backing / "gone").unlink()
+    (backing / "legacy.txt").write_bytes(b"plain")
+    code, out, _ = run(capsys, "fsck", str(backing), "--key-file", str(key))
+    assert code == 1
+    assert "stale entries found: 1" in out and "  gone" in out
+    assert "files without an entry (plaintext): 1" in out and "legacy.txt" in out
+    assert "key 1: 1 files" in out
+    code, out, _ = run(capsys, "fsck", str(backing), "--key-file", str(key), "--repair")
+    assert code == 0 and "stale entries removed: 1" in out
+    code, out, _ = run(capsys, "fsck", str(backing), "--key-file", str(key))
+    assert code == 0 and "stale entries found: 0" in out
+
+
+def test_fsck_repair_salvages_a_corrupt_log(initialised, capsys):
+    backing, key = initialised
+    names = [f"f{i}" for i in range(10)]
+    for name in names:  # one record per file
+        write(backing, key, {name: name.encode() * 50})
+    log = backing / ".tdefs" / "files.dict"
+    data = bytearray(log.read_bytes())
+    record = (len(data) - 68) // 10
+    bad = 68 + 6 * record + 20  # inside the 7th record (f6)
+    data[bad] ^= 0x01
+    log.write_bytes(bytes(data))
+    with pytest.raises(Exception) as err:
+        Vault.open(backing, MasterKeySource.key_file(key))
+    assert "files.dict" in str(err.value) and f"offset {68 + 6 * record}" in str(err.value)
+    code, out, _ = run(capsys, "fsck", str(backing), "--key-file", str(key))
+    assert code == 1 and "--repair" in out
+    code, out, _ = run(capsys, "fsck", str(backing), "--key-file", str(key), "--repair")
+    assert code == 0
+    assert f"damaged at offset {68 + 6 * record}" in out
+    for lost in ("f6", "f7", "f8", "f9"):
+        assert f"    {lost}" in out
+    with Vault.open(backing, MasterKeySource.key_file(key)) as v:
+        for name in names[:6]:  # every entry before the damage is back
+            fd = os.open(backing / name, os.O_RDONLY)
+            assert content.read_at(fd, v.cipher_for(name.encode()), 1000, 0) == name.encode() * 50
+            os.close(fd)
+        assert set(v.files.entries) == {n.encode() for n in names[:6]}
+
+
+def test_not_a_vault_and_bad_key_file_mode(tmp_path, capsys):
+    code, _, err = run(capsys, "fsck", str(tmp_path), "--plaintext-key")
+    assert code == 1 and "not a tdefs vault" in err
+    key = tmp_path / "k"
+    key.write_text("00" * 32)
+    key.chmod(0o644)
+    code, _, err = run(capsys, "init", str(tmp_path / "v"), "--key-file", str(key))
+    assert code == 1 and "chmod 600" in err and not (tmp_path / "v").exists()

@@ -1,0 +1,307 @@
+"""encfs.vault: the crash-ordered operations, stale entries, recovery, locking."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from encfs import content
+from encfs.cipher import PLAINTEXT
+from encfs.errors import VaultError
+from encfs.filedict import RULE_SRC_GONE, FileInfo
+from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE
+from encfs.masterkey import MasterKeySource, generate_key_file
+from encfs.vault import META_DIR, Vault
+
+
+@pytest.fixture
+def source(tmp_path) -> MasterKeySource:
+    key = tmp_path / "master.key"
+    generate_key_file(key)
+    return MasterKeySource.key_file(key)
+
+
+@pytest.fixture
+def vault(tmp_path, source):
+    v = Vault.create(tmp_path / "vault", source)
+    yield v
+    v.close()
+
+
+def put(v: Vault, rel: bytes, data: bytes) -> None:
+    fd, cipher = v.create(rel, os.O_RDWR, 0o644)
+    try:
+        content.write_at(fd, cipher, data, 0)
+    finally:
+        os.close(fd)
+
+
+def get(v: Vault, rel: bytes) -> bytes:
+    fd = os.open(v.root / os.fsdecode(rel), os.O_RDONLY)
+    try:
+        return content.read_at(fd, v.cipher_for(rel), 1 << 20, 0)
+    finally:
+        os.close(fd)
+
+
+def raw(v: Vault, rel: bytes) -> bytes:
+    return (v.root / os.fsdecode(rel)).read_bytes()
+
+
+def test_create_encrypts_and_cipher_for_plaintext(vault):
+    put(vault, b"a", b"hello vault")
+    assert raw(vault, b"a") != b"hello vault"
+    assert get(vault, b"a") == b"hello vault"
+    (vault.root / "legacy").write_bytes(b"old plaintext")
+    assert vault.cipher_for(b"legacy") is PLAINTEXT
+    assert get(vault, b"legacy") == b"old plaintext"
+    assert vault.cipher_for(b"a") is vault.cipher_for(b"a")  # cached, no rebuild per open
+
+
+def test_create_existing(vault):
+    put(vault, b"a", b"one")
+    before = vault.files.entries[b"a"]
+    with pytest.raises(FileExistsError):
+        vault.create(b"a", os.O_WRONLY | os.O_EXCL, 0o644)
+    fd, cipher = vault.create(b"a", os.O_RDONLY, 0o644)
+    os.close(fd)
+    assert vault.files.entries[b"a"] == before and cipher == vault.cipher_for(b"a")
+    fd, cipher = vault.create(b"a", os.O_WRONLY | os.O_TRUNC, 0o644)
+    content.write_at(fd, cipher, b"two", 0)
+    os.close(fd)
+    assert vault.files.entries[b"a"].iv != before.iv  # O_TRUNC: a fresh IV
+    assert get(vault, b"a") == b"two"
+
+
+def test_create_failure_leaves_no_entry(vault):
+    with pytest.raises(FileNotFoundError):
+        vault.create(b"nodir/a", os.O_WRONLY, 0o644)
+    assert b"nodir/a" not in vault.files.entries
+
+
+def test_metadata_is_untouchable(vault):
+    for bad in (b".tdefs/keys.dict", b".tdefs"):
+        with pytest.raises(PermissionError):
+            vault.unlink(bad)
+    for bad in (b"../etc/passwd", b"/abs", b"a//b", b"a/./b", b"dir/"):
+        with pytest.raises(ValueError):
+            vault.unlink(bad)
+
+
+def test_rename_over_existing_file(vault):
+    put(vault, b"CURRENT", b"MANIFEST-1")
+    put(vault, b"CURRENT.tmp", b"MANIFEST-2")
+    vault.rename(b"CURRENT.tmp", b"CURRENT")
+    assert get(vault, b"CURRENT") == b"MANIFEST-2"
+    assert set(vault.files.entries) == {b"CURRENT"}
+    assert not vault.files.pending
+
+
+def test_rename_directory_moves_every_entry_in_one_intent(vault):
+    os.makedirs(vault.root / "d/sub")
+    put(vault, b"d/x", b"X")
+    put(vault, b"d/sub/y", b"Y")
+    put(vault, b"dx", b"not under d")
+    records = vault.files.records
+    vault.rename(b"d", b"e")
+    assert vault.files.records == records + 2  # the intent and its commit
+    assert get(vault, b"e/x") == b"X" and get(vault, b"e/sub/y") == b"Y"
+    assert get(vault, b"dx") == b"not under d"
+    assert not any(p.startswith(b"d/") for p in vault.files.entries)
+
+
+def test_rename_exchange_and_noreplace(vault):
+    put(vault, b"a", b"A")
+    put(vault, b"b", b"B")
+    vault.rename(b"a", b"b", RENAME_EXCHANGE)
+    assert (get(vault, b"a"), get(vault, b"b")) == (b"B", b"A")
+    entries = dict(vault.files.entries)
+    records = vault.files.records
+    with pytest.raises(FileExistsError):
+        vault.rename(b"a", b"b", RENAME_NOREPLACE)
+    with pytest.raises(FileNotFoundError):
+        vault.rename(b"a", b"nope", RENAME_EXCHANGE)
+    assert vault.files.entries == entries and vault.files.records == records
+    vault.rename(b"a", b"c", RENAME_NOREPLACE)
+    assert get(vault, b"c") == b"B"
+    os.makedirs(vault.root / "d1")
+    os.makedirs(vault.root / "d2")
+    put(vault, b"d1/f", b"F1")
+    vault.rename(b"d1", b"d2", RENAME_EXCHANGE)
+    assert get(vault, b"d2/f") == b"F1" and b"d1/f" not in vault.files.entries
+
+
+def test_failed_rename_is_aborted(vault):
+    os.makedirs(vault.root / "full")
+    put(vault, b"full/f", b"F")
+    put(vault, b"a", b"A")
+    with pytest.raises(OSError) as err:
+        vault.rename(b"a", b"full")  # a file over a directory
+    assert err.value.errno == errno.EISDIR
+    assert not vault.files.pending
+    assert get(vault, b"a") == b"A" and get(vault, b"full/f") == b"F"
+
+
+def test_rename_plaintext_file_over_encrypted_drops_its_entry(vault):
+    put(vault, b"enc", b"E")
+    (vault.root / "plain").write_bytes(b"P")
+    vault.rename(b"plain", b"enc")
+    assert b"enc" not in vault.files.entries
+    assert get(vault, b"enc") == b"P"
+
+
+def test_rename_onto_own_hard_link_is_a_no_op(vault):
+    put(vault, b"a", b"A")
+    vault.link(b"a", b"b")
+    vault.rename(b"a", b"b")
+    assert get(vault, b"a") == b"A" and get(vault, b"b") == b"A"
+
+
+def test_link_unlink_and_shared_iv(vault):
+    put(vault, b"a", b"A" * 100)
+    vault.link(b"a", b"b")
+    assert vault.files.entries[b"a"] == vault.files.entries[b"b"]
+    with pytest.raises(FileExistsError):
+        vault.link(b"a", b"b")
+    vault.unlink(b"a")
+    assert b"a" not in vault.files.entries
+    assert get(vault, b"b") == b"A" * 100
+    # nlink > 1 keeps the IV; nlink == 1 gets a fresh one
+    vault.link(b"b", b"c")
+    iv = vault.files.entries[b"b"].iv
+    assert vault.truncate_to_zero(b"b").iv == iv
+    vault.unlink(b"c")
+    fd = os.open(vault.root / "b", os.O_RDWR)
+    try:
+        cipher = vault.truncate_to_zero(b"b", fd)
+        assert cipher.iv != iv and cipher == vault.cipher_for(b"b")
+        content.write_at(fd, cipher, b"new", 0)
+    finally:
+        os.close(fd)
+    assert get(vault, b"b") == b"new"
+
+
+def test_link_of_plaintext_file(vault):
+    (vault.root / "p").write_bytes(b"P")
+    vault.link(b"p", b"q")
+    assert b"q" not in vault.files.entries and get(vault, b"q") == b"P"
+
+
+def test_stale_entries_are_met_and_dropped(tmp_path, source, vault):
+    put(vault, b"a", b"A")
+    os.unlink(vault.root / "a")  # behind the vault's back: the entry is now stale
+    vault.files.append([("put", b"ghost", FileInfo("aes-256-ctr", 1, bytes(16)))])
+    with pytest.raises(FileNotFoundError):
+        vault.link(b"a", b"b")
+    assert b"a" not in vault.files.entries  # link met it and dropped it
+    put(vault, b"ghost", b"G")  # create over a stale entry
+    assert get(vault, b"ghost") == b"G"
+    os.unlink(vault.root / "ghost")
+    vault.close()
+    with Vault.open(tmp_path / "vault", source) as v:
+        assert v.recovery.stale == [b"ghost"]
+        assert not v.files.entries
+
+
+def test_recovery_resolves_intents_by_the_tree(tmp_path, source, vault):
+    put(vault, b"src1", b"S1")
+    put(vault, b"dst1", b"D1")
+    put(vault, b"src2", b"S2")
+    put(vault, b"dst2", b"D2")
+    e = vault.files.entries
+    # two intents as a crash would leave them: one rename happened, one did not
+    vault.files.begin(RULE_SRC_GONE, b"src1", 0, [("del", b"src1"), ("del", b"dst1"), ("put", b"dst1", e[b"src1"])])
+    vault.files.begin(RULE_SRC_GONE, b"src2", 0, [("del", b"src2"), ("del", b"dst2"), ("put", b"dst2", e[b"src2"])])
+    os.rename(vault.root / "src1", vault.root / "dst1")
+    vault.close()
+    with Vault.open(tmp_path / "vault", source, mode="check") as v:
+        assert v.recovery.committed == [b"src1"] and v.recovery.aborted == [b"src2"]
+        assert v.files.pending  # check mode writes nothing
+    with Vault.open(tmp_path / "vault", source) as v:
+        assert not v.files.pending
+        assert get(v, b"dst1") == b"S1"
+        assert get(v, b"src2") == b"S2" and get(v, b"dst2") == b"D2"
+
+
+def test_vault_is_locked_while_open(tmp_path, source, vault):
+    with pytest.raises(VaultError, match="in use"):
+        Vault.open(tmp_path / "vault", source)
+
+
+def test_init_refusals_and_leftovers(tmp_path, source):
+    backing = tmp_path / "b"
+    (backing / META_DIR).mkdir(parents=True)  # an empty .tdefs is fine
+    (backing / ".tdefs.init").mkdir()  # left by a crashed init
+    (backing / ".tdefs.init" / "junk").write_bytes(b"x")
+    Vault.create(backing, source).close()
+    assert not (backing / ".tdefs.init").exists()
+    with pytest.raises(VaultError, match="already holds a vault"):
+        Vault.create(backing, source)
+    with pytest.raises(VaultError, match="not a tdefs vault"):
+        Vault.open(tmp_path, source)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(VaultError):
+        Vault.create(tmp_path / "file", source)
+
+
+@pytest.mark.parametrize("method", ["aes-128-ctr", "aes-192-ctr", "sm4-ctr", "plaintext"])
+def test_methods(tmp_path, source, method):
+    with Vault.create(tmp_path / method, source, method=method) as v:
+        put(v, b"f", b"data" * 10)
+        assert get(v, b"f") == b"data" * 10
+        if method == "plaintext":
+            assert not v.files.entries and raw(v, b"f") == b"data" * 10
+        else:
+            assert v.files.entries[b"f"].method == method and raw(v, b"f") != b"data" * 10
+
+
+def test_rotation_new_files_use_new_key_and_retire_keeps_used_keys(vault):
+    put(vault, b"old", b"O")
+    new_id = vault.keys.rotate()
+    put(vault, b"new", b"N")
+    assert vault.files.entries[b"new"].key_id == new_id
+    assert vault.files.entries[b"old"].key_id != new_id
+    assert vault.retire_unused_keys() == []  # key 1 is still used by "old"
+    vault.unlink(b"old")
+    assert vault.retire_unused_keys() == [1]
+    assert [k.id for k in vault.keys.list()] == [new_id]
+
+
+def test_concurrent_operations(tmp_path, source, vault):
+    errors = []
+
+    def worker(t: int) -> None:
+        try:
+            os.makedirs(vault.root / f"t{t}", exist_ok=True)
+            for i in range(15):
+                put(vault, f"t{t}/f{i}".encode(), f"{t}-{i}".encode())
+                if i % 3 == 0:
+                    vault.rename(f"t{t}/f{i}".encode(), f"t{t}/r{i}".encode())
+                if i % 5 == 0:
+                    j = max(i - 1, 0)
+                    vault.unlink(f"t{t}/{'r' if j % 3 == 0 else 'f'}{j}".encode())
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    expected = {}
+    for dirpath, _, names in os.walk(vault.root):
+        if META_DIR in Path(dirpath).parts:
+            continue
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), vault.root).encode()
+            expected[rel] = get(vault, rel)
+    vault.close()
+    with Vault.open(tmp_path / "vault", source) as v:
+        assert not v.recovery.stale
+        assert {rel: get(v, rel) for rel in expected} == expected
+        assert set(v.files.entries) == set(expected)
