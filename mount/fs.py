@@ -130,6 +130,8 @@ class VaultFS(pyfuse3.Operations):
         return join(rel_parent, name)
 
     def _entry(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        if inode.mtime_ns is None and stat.S_ISREG(st.st_mode):
+            inode.mtime_ns = st.st_mtime_ns
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode.ino
         e.generation = 0
@@ -293,6 +295,9 @@ class VaultFS(pyfuse3.Operations):
                 os.utime(target, ns=times)
             else:
                 os.utime(target, ns=times, follow_symlinks=False)
+            if fields.update_mtime:
+                node.mtime_ns = attr.st_mtime_ns
+                node.written = False
         return self._entry(node, self._stat(node))
 
     async def _truncate(self, node: Inode, fd: int | None, length: int) -> None:
@@ -512,12 +517,27 @@ class VaultFS(pyfuse3.Operations):
         # one writer per inode: a write past EOF fills the gap, which must not
         # overwrite a concurrent write landing inside that gap
         async with inode.lock:
+            inode.written = True
             return await self._io(content.write_at, h.fd, inode.cipher, buf, off,
                                   slow=len(buf) >= THREAD_IO_BYTES)
 
+    def _restore_mtime(self, inode: Inode, fd: int) -> None:
+        """Give the backing file the mtime the kernel shows for it.
+
+        With the writeback cache the kernel stamps mtime at write(2) and sends it only
+        when that stamp changed; our pwrite of the data, later, moves the backing mtime
+        regardless, so without this a remount would show a different mtime."""
+        if not (self.enable_writeback_cache and inode.written and inode.mtime_ns is not None):
+            return
+        inode.written = False
+        st = os.fstat(fd)
+        if st.st_mtime_ns != inode.mtime_ns:
+            os.utime(fd, ns=(st.st_atime_ns, inode.mtime_ns))
+
     @_answer_errors
     async def flush(self, fh: int) -> None:
-        self._handle(fh)
+        h = self._handle(fh)
+        self._restore_mtime(h.inode, h.fd)
 
     @_answer_errors
     async def release(self, fh: int) -> None:
@@ -525,15 +545,19 @@ class VaultFS(pyfuse3.Operations):
         if h is None:
             return
         inode = h.inode
-        inode.fds.discard(fh)
-        if not inode.fds:
-            inode.cipher = None  # reread from the dictionary at the next open
-        self.inodes.release_if_unused(inode)
-        os.close(fh)
+        try:
+            self._restore_mtime(inode, fh)
+        finally:
+            inode.fds.discard(fh)
+            if not inode.fds:
+                inode.cipher = None  # reread from the dictionary at the next open
+            self.inodes.release_if_unused(inode)
+            os.close(fh)
 
     @_answer_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
+        self._restore_mtime(h.inode, h.fd)
         await self._io(os.fdatasync if datasync else os.fsync, h.fd)
 
     # ------------------------------------------------------------ the rest

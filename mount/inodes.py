@@ -28,7 +28,8 @@ ROOT_INODE: int = pyfuse3.ROOT_INODE
 class Inode:
     """One file as the kernel knows it."""
 
-    __slots__ = ("ino", "backing_ino", "paths", "lookups", "fds", "cipher", "lock")
+    __slots__ = ("ino", "backing_ino", "paths", "lookups", "fds", "cipher", "lock",
+                 "mtime_ns", "written")
 
     def __init__(self, ino: int, backing_ino: int | None) -> None:
         self.ino = ino
@@ -38,6 +39,11 @@ class Inode:
         self.fds: set[int] = set()  # backing fds of the open handles
         self.cipher: Any = None  # the FileCipher shared by all handles, while any is open
         self.lock: Any = None  # serialises content changes (set by the filesystem)
+        # With the writeback cache the kernel keeps its own mtime of a regular file:
+        # the one it was first told, then the ones it sends in setattr. `written` says
+        # our pwrites may have moved the backing mtime away from it since.
+        self.mtime_ns: int | None = None
+        self.written = False
 
     def any_path(self) -> bytes:
         """A backing-relative path of this inode; FileNotFoundError when it has none."""

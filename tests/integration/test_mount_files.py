@@ -8,6 +8,7 @@ import mmap
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,21 @@ def test_remount_reads_everything_back(tmp_path: Path) -> None:
         assert os.path.exists(m / "fifo") and (os.stat(m / "fifo").st_mode & 0o170000) == 0o010000
         assert os.stat(m / "d2/sub0/f2").st_mode & 0o777 == 0o640
         assert os.getxattr(m / "d0/sub0/f0", "user.tag") == b"kept"
+
+
+def test_mtime_survives_remount(tmp_path: Path) -> None:
+    v = make_vault(tmp_path)
+    with mounted_at(v):
+        path = v.mountpoint / "stamped"
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+        os.write(fd, b"x" * 100000)  # in the same clock tick as the create
+        time.sleep(0.2)  # the data reaches the daemon well after write(2)
+        os.close(fd)
+        seen = os.stat(path).st_mtime_ns
+        with open(v.mountpoint / "later", "wb") as f:
+            f.write(b"y")
+            time.sleep(0.2)
+        seen_later = os.stat(v.mountpoint / "later").st_mtime_ns
+    with mounted_at(v):
+        assert os.stat(v.mountpoint / "stamped").st_mtime_ns == seen
+        assert os.stat(v.mountpoint / "later").st_mtime_ns == seen_later
