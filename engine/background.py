@@ -18,15 +18,13 @@ from typing import Any
 
 from .errors import BackgroundError, Corruption
 
-# Background jobs yield the CPU to foreground work on a shared machine.
-CHILD_NICENESS = 5
 
-
-def _child_main(fn: Callable[..., Any], args: tuple, wfd: int) -> None:
+def _child_main(fn: Callable[..., Any], args: tuple, wfd: int, niceness: int) -> None:
     status = 0
     try:
         try:
-            os.nice(CHILD_NICENESS)
+            if niceness:
+                os.nice(niceness)
         except OSError:
             pass
         result: tuple = ("ok", fn(*args))
@@ -46,15 +44,19 @@ def _child_main(fn: Callable[..., Any], args: tuple, wfd: int) -> None:
         os._exit(status)
 
 
-def run_job(fn: Callable[..., Any], *args: Any, isolated: bool = True) -> Any:
-    """Return ``fn(*args)``, computed in a forked child when ``isolated``."""
+def run_job(fn: Callable[..., Any], *args: Any, isolated: bool = True, niceness: int = 0) -> Any:
+    """Return ``fn(*args)``, computed in a forked child when ``isolated``.
+
+    ``niceness`` lowers the child's CPU priority, so work that can wait (compaction)
+    yields to work writers wait for (flush) and to the foreground.
+    """
     if not isolated:
         return fn(*args)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _child_main(fn, args, wfd)
+        _child_main(fn, args, wfd, niceness)
     os.close(wfd)
     chunks = []
     try:

@@ -1,57 +1,72 @@
-"""Whole-table bloom filters.
+"""Whole-table bloom filters, blocked by 64-bit word.
 
-Layout: ``bits`` (a multiple of 8) then one byte ``k``, the probe count. Probe i of a
-key with ``h = crc32(key)`` tests bit ``(h + i * delta) mod 2^32 mod nbits`` where
-``delta = rotate_right(h, 17)`` (double hashing). A filter never says no for a key
-that was added.
+Layout: ``nwords`` 64-bit little-endian words, then one byte ``k``. A key with
+``h = crc32(key)`` lives in word ``h % nwords`` and sets the bits of
+``MASKS_k[((h * 0x9E3779B1) mod 2^32) >> 16]``; mask ``m`` (0 <= m < 65536) is the OR
+of ``1 << ((x_i >> 16) & 63)`` for ``x_0 = m`` and ``x_i = (x_{i-1} * 1103515245 +
+12345) mod 2^31``, i = 1..k. One word and one mask per key keep building and probing
+to a few interpreter operations. A filter never says no for a key that was added.
 """
 
 from __future__ import annotations
 
+import sys
+from array import array
+from functools import lru_cache
 from zlib import crc32
 
 key_hash = crc32
+GOLDEN = 0x9E3779B1
+
+
+@lru_cache(maxsize=8)
+def masks(k: int) -> tuple[int, ...]:
+    out = []
+    for m in range(1 << 16):
+        x = m
+        mask = 0
+        for _ in range(k):
+            x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+            mask |= 1 << ((x >> 16) & 63)
+        out.append(mask)
+    return tuple(out)
+
+
+def probes_for(bits_per_key: int) -> int:
+    return max(1, min(12, int(bits_per_key * 0.69)))
 
 
 def build_filter(hashes: list[int], bits_per_key: int) -> bytes:
     """Build a filter over keys given by their ``key_hash``."""
-    k = max(1, min(30, int(bits_per_key * 0.69)))
-    nbits = max(64, len(hashes) * bits_per_key)
-    nbytes = (nbits + 7) // 8
-    nbits = nbytes * 8
-    bits = bytearray(nbytes)
+    k = probes_for(bits_per_key)
+    nwords = max(1, (len(hashes) * bits_per_key + 63) // 64)
+    words = array("Q", bytes(8 * nwords))
+    table = masks(k)
     for h in hashes:
-        delta = ((h >> 17) | (h << 15)) & 0xFFFFFFFF
-        for _ in range(k):
-            pos = h % nbits
-            bits[pos >> 3] |= 1 << (pos & 7)
-            h = (h + delta) & 0xFFFFFFFF
-    bits.append(k)
-    return bytes(bits)
+        words[h % nwords] |= table[((h * GOLDEN) & 0xFFFFFFFF) >> 16]
+    if sys.byteorder != "little":
+        words.byteswap()
+    return words.tobytes() + bytes((k,))
 
 
 class BloomFilter:
-    __slots__ = ("bits", "nbits", "k")
+    __slots__ = ("words", "nwords", "masks")
 
     def __init__(self, data: bytes) -> None:
-        if len(data) < 2:
-            self.bits = b""
-            self.nbits = 0
-            self.k = 0
+        if len(data) < 9 or (len(data) - 1) % 8:
+            self.words = array("Q")
+            self.nwords = 0
+            self.masks: tuple[int, ...] = ()
             return
-        self.bits = data[:-1]
-        self.nbits = len(self.bits) * 8
-        self.k = data[-1]
+        words = array("Q", data[:-1])
+        if sys.byteorder != "little":
+            words.byteswap()
+        self.words = words
+        self.nwords = len(words)
+        self.masks = masks(data[-1])
 
     def may_contain(self, h: int) -> bool:
-        nbits = self.nbits
-        if not nbits:
+        if not self.nwords:
             return True
-        bits = self.bits
-        delta = ((h >> 17) | (h << 15)) & 0xFFFFFFFF
-        for _ in range(self.k):
-            pos = h % nbits
-            if not bits[pos >> 3] & (1 << (pos & 7)):
-                return False
-            h = (h + delta) & 0xFFFFFFFF
-        return True
+        m = self.masks[((h * GOLDEN) & 0xFFFFFFFF) >> 16]
+        return self.words[h % self.nwords] & m == m

@@ -14,11 +14,12 @@ tree when no snapshot could see an older version beneath it.
 
 from __future__ import annotations
 
-import heapq
 import os
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import repeat
+from operator import neg, or_
 
 from .memtable import MemTable
 from .sst import TableBuilder, TableReader
@@ -39,7 +40,12 @@ class Compaction:
 
     @property
     def trivial_move(self) -> bool:
-        return len(self.inputs) == 1 and not self.overlapping
+        """Inputs can change level by an edit alone: nothing below overlaps them and
+        they do not overlap each other."""
+        if self.overlapping:
+            return False
+        files = sorted(self.inputs, key=lambda f: f.smallest)
+        return all(a.largest < b.smallest for a, b in zip(files, files[1:], strict=False))
 
     @property
     def epoch(self) -> int:
@@ -128,19 +134,79 @@ def flush_job(mem: MemTable, path: str, block_size: int, compression: str,
     """Write the memtable's versions to one table at ``path``; return its stats."""
     builder = TableBuilder(path, block_size, compression, bloom_bits)
     try:
-        add = builder.add
-        for key, seq, value in mem.entries():
-            add(key, seq, value)
+        keys = mem.sorted_keys()
+        entries = list(map(mem.table.__getitem__, keys))
+        if list in set(map(type, entries)):
+            for key, seq, value in mem.entries():
+                builder.add(key, seq, value)
+        else:
+            seqs, vals = zip(*entries, strict=True) if entries else ((), ())
+            if None in vals:
+                tags = [seq << 8 | (value is not None) for seq, value in entries]
+                values = [b"" if value is None else value for value in vals]
+            else:
+                tags = list(map(or_, map((256).__mul__, seqs), repeat(1)))
+                values = list(vals)
+            step = 1 << 14
+            for i in range(0, len(keys), step):
+                builder.add_many(keys[i:i + step], tags[i:i + step], values[i:i + step])
         return builder.finish()
     except BaseException:
         builder.abandon()
         raise
 
 
-def _source(paths: list[str], rank: int) -> Iterator[tuple[bytes, int, int, bytes | None]]:
-    for path in paths:
-        for key, tag, value in TableReader(path, 0).entries():
-            yield key, rank, -tag, value
+class _Cursor:
+    """Walks one sorted run of tables block by block."""
+
+    __slots__ = ("_blocks", "keys", "tags", "values", "pos", "rank")
+
+    def __init__(self, paths: list[str], rank: int) -> None:
+        self._blocks = (blk for path in paths for blk in TableReader(path, 0).blocks())
+        self.rank = rank
+        self.keys: list[bytes] | None = None
+        self.advance()
+
+    def advance(self) -> bool:
+        for keys, tags, values in self._blocks:
+            if keys:
+                self.keys, self.tags, self.values = keys, tags, values
+                self.pos = 0
+                return True
+        self.keys = None
+        return False
+
+
+def _merged_windows(groups: list[list[str]]) -> Iterator[list[tuple[bytes, int, int, bytes]]]:
+    """Yield sorted lists of ``(key, rank, -tag, value)``; every version of a key is
+    in one list, and lists come in key order.
+
+    A window takes, from every run, the entries below the smallest last key ``w`` of
+    the runs' current blocks (all of them sit in current blocks); when that is empty,
+    it takes every version of ``w``. Sorting a window merges its runs in C.
+    """
+    cursors = [c for c in (_Cursor(g, r) for r, g in enumerate(groups)) if c.keys is not None]
+    while cursors:
+        w = min(c.keys[-1] for c in cursors)  # type: ignore[index]
+        batch: list[tuple[bytes, int, int, bytes]] = []
+        for c in cursors:
+            e = bisect_left(c.keys, w, c.pos)  # type: ignore[arg-type]
+            if e > c.pos:
+                p = c.pos
+                batch += zip(c.keys[p:e], repeat(c.rank), map(neg, c.tags[p:e]), c.values[p:e])  # type: ignore[index]
+                c.pos = e
+        if not batch:
+            for c in cursors:
+                while c.keys is not None and c.keys[c.pos] == w:
+                    p = c.pos
+                    e = bisect_right(c.keys, w, p)
+                    batch += zip(c.keys[p:e], repeat(c.rank), map(neg, c.tags[p:e]), c.values[p:e])
+                    c.pos = e
+                    if e == len(c.keys):
+                        c.advance()
+            cursors = [c for c in cursors if c.keys is not None]
+        batch.sort()
+        yield batch
 
 
 def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int],
@@ -148,8 +214,8 @@ def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int
                    bloom_bits: int) -> list[dict]:
     """Merge the tables in ``groups`` (newest group first, each sorted and disjoint).
 
-    Outputs go to ``{tmp_prefix}{i}.tmp``, split at ``target_size`` on user-key
-    boundaries; returns their stats with the path under ``"path"``.
+    Outputs go to ``{tmp_prefix}{i}.tmp``, split at ``target_size`` between user
+    keys; returns their stats with the path under ``"path"``.
     """
     snaps = sorted(snapshots)
     nsnaps = len(snaps)
@@ -157,32 +223,42 @@ def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int
     builder: TableBuilder | None = None
     cur: bytes | None = None
     newer_seq = 0
-    last_added: bytes | None = None
     try:
-        for key, _, ntag, value in heapq.merge(*(_source(g, r) for r, g in enumerate(groups))):
-            seq = (-ntag) >> 8
-            if key != cur:
-                cur = key
-                keep = True
-            else:
-                # An older version survives only if some snapshot falls in [seq, newer_seq).
-                i = bisect_left(snaps, seq)
-                keep = i < nsnaps and snaps[i] < newer_seq
-            newer_seq = seq
-            if not keep:
+        for batch in _merged_windows(groups):
+            keys: list[bytes] = []
+            tags: list[int] = []
+            values: list[bytes] = []
+            for key, _, ntag, value in batch:
+                tag = -ntag
+                seq = tag >> 8
+                if key != cur:
+                    cur = key
+                    newer_seq = seq
+                elif nsnaps:
+                    # An older version survives only if a snapshot falls in [seq, newer_seq).
+                    i = bisect_left(snaps, seq)
+                    keep = i < nsnaps and snaps[i] < newer_seq
+                    newer_seq = seq
+                    if not keep:
+                        continue
+                else:
+                    continue
+                if not tag & 0xFF and bottommost and (not nsnaps or snaps[0] >= seq):
+                    continue
+                keys.append(key)
+                tags.append(tag)
+                values.append(value)
+            if not keys:
                 continue
-            if value is None and bottommost and (not nsnaps or snaps[0] >= seq):
-                continue
-            if builder is not None and key != last_added and builder.file_size >= target_size:
+            if builder is None:
+                builder = TableBuilder(f"{tmp_prefix}{len(outputs)}.tmp", block_size,
+                                       compression, bloom_bits)
+            builder.add_many(keys, tags, values)
+            if builder.file_size >= target_size:
                 stats = builder.finish()
                 stats["path"] = builder.path
                 outputs.append(stats)
                 builder = None
-            if builder is None:
-                builder = TableBuilder(f"{tmp_prefix}{len(outputs)}.tmp", block_size,
-                                       compression, bloom_bits)
-            builder.add(key, seq, value)
-            last_added = key
         if builder is not None:
             stats = builder.finish()
             stats["path"] = builder.path

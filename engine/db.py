@@ -29,6 +29,8 @@ from zlib import crc32
 
 from .background import run_job
 from .block_cache import BlockCache
+from .bloom import masks as bloom_masks
+from .bloom import probes_for
 from .compaction import Compaction, CompactionPicker, compaction_job, flush_job
 from .errors import BackgroundError, Corruption, DBClosed, EngineError, InvalidArgument, LockError
 from .memtable import ENTRY_OVERHEAD, MemTable
@@ -46,18 +48,21 @@ from .version import (
     table_name,
 )
 from .wal import (
-    BATCH_HEADER,
+    CHECK_XOR,
+    GOLDEN,
     HEADER,
-    PUT_OP,
-    U32,
+    SINGLE_PUT,
     LogWriter,
     decode_batch,
     encode_batch,
+    frame,
     read_records,
 )
 
 _FILE_RE = re.compile(r"^(\d+)\.(sst|log|dbtmp)$|^MANIFEST-(\d+)$|^compaction-.*\.tmp$")
 _NO_SNAPSHOT = -1
+# Compaction children run below flushes and the foreground on a shared machine.
+COMPACTION_NICENESS = 10
 
 
 def _as_bytes(value: object, what: str) -> bytes:
@@ -125,13 +130,14 @@ class DB:
         # Use DB.open(); this only sets fields.
         self.path = path
         self.options = options
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._vlock = threading.Lock()
         self._closed = True
         self._closing = False
         self._bg_error: EngineError | None = None
         self._snapshots: dict[int, int] = {}
+        self._deferred_releases: list[int] = []
         self._snap_max = _NO_SNAPSHOT
         self._busy: set[int] = set()
         self._running_compactions = 0
@@ -166,6 +172,8 @@ class DB:
             if not options.create_if_missing:
                 raise InvalidArgument(f"{path}: database does not exist (create_if_missing is off)")
             os.makedirs(path, exist_ok=True)
+        # Built once here so forked table builders inherit it.
+        bloom_masks(probes_for(options.bloom_bits_per_key))
         db = cls(path, options)
         db._acquire_lock()
         try:
@@ -253,6 +261,7 @@ class DB:
         self._mem = MemTable(log_number)
         self._imms: list[MemTable] = []
         self._wal = LogWriter(self._file(log_name(log_number)))
+        self._wal_write = self._wal.write
         self._publish(vs.current)
         self._delete_obsolete_files(recovering=True)
         opts.write_file(self.path)
@@ -332,9 +341,10 @@ class DB:
             if self._closed or self._bg_error is not None:
                 self._check_writable()
             seq = self._seq + 1
-            payload = BATCH_HEADER.pack(seq, 1) + PUT_OP.pack(1, len(key), len(value)) + key + value
-            hdr = HEADER.pack(len(payload), crc32(payload))
-            self._wal.write(hdr + U32.pack(crc32(hdr)) + payload)
+            payload = SINGLE_PUT.pack(seq, 1, 1, len(key), len(value)) + key + value
+            n = len(payload)
+            c = crc32(payload)
+            self._wal_write(HEADER.pack(n, c, ((n * GOLDEN) & 0xFFFFFFFF) ^ c ^ CHECK_XOR) + payload)
             mem = self._mem
             if self._snap_max < 0:
                 mem.table[key] = (seq, value)
@@ -367,9 +377,7 @@ class DB:
             if self._closed or self._bg_error is not None:
                 self._check_writable()
             first = self._seq + 1
-            payload = encode_batch(first, ops)
-            hdr = HEADER.pack(len(payload), crc32(payload))
-            self._wal.write(hdr + U32.pack(crc32(hdr)) + payload)
+            self._wal_write(frame(encode_batch(first, ops)))
             mem = self._mem
             size = 0
             if self._snap_max < 0:
@@ -421,6 +429,7 @@ class DB:
         wal = LogWriter(self._file(log_name(number)))
         self._wal.close()
         self._wal = wal
+        self._wal_write = wal.write
         self._imms.append(self._mem)
         self._mem = MemTable(number)
         self._publish(self._sv[2])
@@ -541,20 +550,36 @@ class DB:
             return self._register_snapshot(self._seq)
 
     def _register_snapshot(self, seq: int) -> Snapshot:
+        self._drain_releases()
         self._snapshots[seq] = self._snapshots.get(seq, 0) + 1
         if seq > self._snap_max:
             self._snap_max = seq
         return Snapshot(self, seq)
 
     def _release_snapshot(self, seq: int) -> None:
-        with self._lock:
-            n = self._snapshots.get(seq, 0) - 1
-            if n > 0:
-                self._snapshots[seq] = n
-                return
-            self._snapshots.pop(seq, None)
-            if seq == self._snap_max:
-                self._snap_max = max(self._snapshots, default=_NO_SNAPSHOT)
+        # Releases can run from finalizers while this thread holds _lock; never block.
+        if not self._lock.acquire(blocking=False):
+            self._deferred_releases.append(seq)
+            return
+        try:
+            self._drop_snapshot(seq)
+            self._drain_releases()
+        finally:
+            self._lock.release()
+
+    def _drop_snapshot(self, seq: int) -> None:
+        n = self._snapshots.get(seq, 0) - 1
+        if n > 0:
+            self._snapshots[seq] = n
+            return
+        self._snapshots.pop(seq, None)
+        if seq == self._snap_max:
+            self._snap_max = max(self._snapshots, default=_NO_SNAPSHOT)
+
+    def _drain_releases(self) -> None:
+        """Apply releases deferred while _lock was busy (caller holds _lock)."""
+        while self._deferred_releases:
+            self._drop_snapshot(self._deferred_releases.pop())
 
     # ------------------------------------------------------ background work
 
@@ -657,8 +682,8 @@ class DB:
         deleted = [(c.level, f.number) for f in c.inputs] + \
                   [(c.output_level, f.number) for f in c.overlapping]
         if c.trivial_move:
-            f = c.inputs[0]
-            edit = VersionEdit(deleted_files=deleted, new_files=[(c.output_level, f)])
+            edit = VersionEdit(deleted_files=deleted,
+                               new_files=[(c.output_level, f) for f in c.inputs])
             self._install(edit, [])
             self.stats["trivial_moves"] += 1
             return
@@ -668,11 +693,13 @@ class DB:
             groups = [[self._file(table_name(f.number)) for f in c.inputs]]
         groups.append([self._file(table_name(f.number)) for f in c.overlapping])
         with self._lock:
+            self._drain_releases()
             snapshots = list(self._snapshots)
             tag = f"compaction-{vs.new_file_number()}-"
         outputs = run_job(compaction_job, groups, self._file(tag), snapshots, c.bottommost,
                           opts.target_file_size_base, opts.block_size, opts.compression,
-                          opts.bloom_bits_per_key, isolated=opts.background_processes)
+                          opts.bloom_bits_per_key, isolated=opts.background_processes,
+                          niceness=COMPACTION_NICENESS)
         epoch = c.epoch
         new_files = []
         try:

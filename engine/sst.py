@@ -30,10 +30,11 @@ import zlib
 from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import accumulate
+from operator import add
 from zlib import crc32
 
 from .block_cache import BlockCache
-from .bloom import BloomFilter, build_filter
+from .bloom import GOLDEN, BloomFilter, build_filter
 from .errors import Corruption
 
 MAGIC = 0x7464656673737431  # "tdefsst1"
@@ -106,7 +107,14 @@ def decode_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], list
 
 
 class TableBuilder:
-    """Writes one SST from entries added in sorted order; ``finish`` returns its stats."""
+    """Writes one SST from entries added in sorted order; ``finish`` returns its stats.
+
+    Entries collect in lists and are cut into blocks in bulk, so adding costs a few
+    list appends per entry.
+    """
+
+    # Pending bytes that trigger cutting complete blocks out of the lists.
+    CUT_BYTES = 256 << 10
 
     def __init__(self, path: str, block_size: int = 4096, compression: str = "none",
                  bloom_bits_per_key: int = 10) -> None:
@@ -119,11 +127,10 @@ class TableBuilder:
         self._keys: list[bytes] = []
         self._tags: list[int] = []
         self._values: list[bytes] = []
-        self._block_bytes = 0
+        self._pending = 0
         self._index_keys: list[bytes] = []
         self._index_values: list[bytes] = []
         self._hashes: list[int] = []
-        self._last_key: bytes | None = None
         self._range_dels: list[tuple[bytes, int, bytes]] = []
         self.num_entries = 0
         self.num_deletions = 0
@@ -133,32 +140,62 @@ class TableBuilder:
 
     @property
     def file_size(self) -> int:
-        return self._offset + self._block_bytes
+        return self._offset + self._pending
 
     def add(self, key: bytes, seq: int, value: bytes | None) -> None:
         """Add a version; ``value`` None is a deletion. Keys ascending, seqs descending."""
-        if key != self._last_key:
-            self._hashes.append(crc32(key))
-            self._last_key = key
-            if self.first_key is None:
-                self.first_key = key
+        self._keys.append(key)
         if value is None:
             self._tags.append(seq << 8 | KIND_DELETE)
             self._values.append(b"")
-            self.num_deletions += 1
-            self._block_bytes += len(key) + 16
+            self._pending += len(key) + 16
         else:
             self._tags.append(seq << 8 | KIND_PUT)
             self._values.append(value)
-            self._block_bytes += len(key) + len(value) + 16
-        self._keys.append(key)
-        self.num_entries += 1
-        if seq < self.smallest_seq:
-            self.smallest_seq = seq
-        if seq > self.largest_seq:
-            self.largest_seq = seq
-        if self._block_bytes >= self._block_size:
-            self._finish_data_block()
+            self._pending += len(key) + len(value) + 16
+        if self._pending >= self.CUT_BYTES:
+            self._cut(False)
+
+    def add_many(self, keys: list[bytes], tags: list[int], values: list[bytes]) -> None:
+        """Add sorted entries in bulk; a tag is ``seq << 8 | kind``, deletions carry b''."""
+        self._keys += keys
+        self._tags += tags
+        self._values += values
+        self._pending += sum(map(len, keys)) + sum(map(len, values)) + 16 * len(keys)
+        if self._pending >= self.CUT_BYTES:
+            self._cut(False)
+
+    def _cut(self, final: bool) -> None:
+        """Write complete blocks from the pending lists (all of them when ``final``)."""
+        keys, tags, values = self._keys, self._tags, self._values
+        n = len(keys)
+        if not n:
+            return
+        cum = list(accumulate(map(add, map(len, keys), map(len, values))))
+        bs = self._block_size
+        s = 0
+        while s < n:
+            base = cum[s - 1] if s else 0
+            e = bisect_left(cum, base + bs, s) + 1
+            if e > n:
+                if not final:
+                    break
+                e = n
+            self._write_data_block(keys[s:e], tags[s:e], values[s:e])
+            s = e
+        done_tags = tags[:s]
+        if done_tags:
+            if self.first_key is None:
+                self.first_key = keys[0]
+            self._hashes += map(crc32, keys[:s])
+            self.num_entries += s
+            self.num_deletions += list(map((0xFF).__and__, done_tags)).count(KIND_DELETE)
+            self.smallest_seq = min(self.smallest_seq, min(done_tags) >> 8)
+            self.largest_seq = max(self.largest_seq, max(done_tags) >> 8)
+        self._keys = keys[s:]
+        self._tags = tags[s:]
+        self._values = values[s:]
+        self._pending = sum(map(len, self._keys)) + sum(map(len, self._values)) + 16 * len(self._keys)
 
     def add_range_tombstone(self, start: bytes, end: bytes, seq: int) -> None:
         """Record that keys in ``[start, end)`` at sequences below ``seq`` are deleted."""
@@ -182,20 +219,14 @@ class TableBuilder:
         self._offset += len(contents) + TRAILER_SIZE
         return handle
 
-    def _finish_data_block(self) -> None:
-        if not self._keys:
-            return
-        off, size = self._write_block(encode_block(self._keys, self._tags, self._values), True)
-        self._index_keys.append(self._keys[-1])
+    def _write_data_block(self, keys: list[bytes], tags: list[int], values: list[bytes]) -> None:
+        off, size = self._write_block(encode_block(keys, tags, values), True)
+        self._index_keys.append(keys[-1])
         self._index_values.append(HANDLE.pack(off, size))
-        self._keys = []
-        self._tags = []
-        self._values = []
-        self._block_bytes = 0
 
     def finish(self) -> dict:
         """Write index, filter, tombstones, properties and footer; fsync; return stats."""
-        self._finish_data_block()
+        self._cut(True)
         index = self._write_block(
             encode_block(self._index_keys, [0] * len(self._index_keys), self._index_values), False)
         filt = self._write_block(build_filter(self._hashes, self._bloom_bits), False)
@@ -334,8 +365,11 @@ class TableReader:
 
     def get(self, key: bytes, h: int, snap: int | None) -> object:
         """Newest version of ``key`` visible at ``snap``: bytes, None (deleted) or MISS."""
-        if not self.bloom.may_contain(h):
-            return MISS
+        bloom = self.bloom
+        if bloom.nwords:
+            m = bloom.masks[((h * GOLDEN) & 0xFFFFFFFF) >> 16]
+            if bloom.words[h % bloom.nwords] & m != m:
+                return MISS
         index_keys = self.index_keys
         i = bisect_left(index_keys, key)
         n = self.num_blocks
@@ -416,6 +450,12 @@ class TableReader:
             bi -= 1
         if have:
             yield pend_key, rank, pend_val
+
+    def blocks(self) -> Iterator[tuple[list[bytes], list[int], list[bytes]]]:
+        """Every data block as ``(keys, tags, values)``, bypassing the block cache."""
+        for off, size in self.handles:
+            keys, tags, vo, data = decode_block(self._read(off, size), self.path, off)
+            yield keys, tags, [data[s:e] for s, e in zip(vo, vo[1:], strict=False)]
 
     def entries(self) -> Iterator[tuple[bytes, int, bytes | None]]:
         """Every version as ``(key, tag, value-or-None)``, bypassing the block cache."""

@@ -1,7 +1,8 @@
 """Record framing shared by the write-ahead log (n.log) and the MANIFEST.
 
-A log is a sequence of records, each ``length u32 | payload_crc u32 | header_crc u32 |
-payload`` (little-endian; crc32 of zlib; header_crc covers the first 8 bytes).
+A log is a sequence of records, each ``length u32 | payload_crc u32 | check u32 |
+payload`` (little-endian; payload_crc is zlib's crc32 of the payload; ``check =
+(length * 0x9E3779B1 mod 2^32) xor payload_crc xor 0xA5A5A5A5`` guards the header).
 Invariant: a record is either read back whole with both checksums good, or reading
 stops: at a torn tail (the last write of a crashed process) silently, anywhere else
 with ``Corruption`` naming the file and the record's offset.
@@ -19,9 +20,10 @@ from zlib import crc32
 
 from .errors import Corruption
 
-HEADER = struct.Struct("<II")
-U32 = struct.Struct("<I")
+HEADER = struct.Struct("<III")
 HEADER_SIZE = 12
+GOLDEN = 0x9E3779B1
+CHECK_XOR = 0xA5A5A5A5
 
 KIND_DELETE = 0
 KIND_PUT = 1
@@ -29,12 +31,19 @@ KIND_PUT = 1
 BATCH_HEADER = struct.Struct("<QI")
 PUT_OP = struct.Struct("<BII")
 DELETE_OP = struct.Struct("<BI")
+# A one-put batch's fixed part: batch header then the put's op header.
+SINGLE_PUT = struct.Struct("<QIBII")
+
+
+def header_check(length: int, crc: int) -> int:
+    return ((length * GOLDEN) & 0xFFFFFFFF) ^ crc ^ CHECK_XOR
 
 
 def frame(payload: bytes) -> bytes:
     """Return the on-disk bytes of one record carrying ``payload``."""
-    hdr = HEADER.pack(len(payload), crc32(payload))
-    return hdr + U32.pack(crc32(hdr)) + payload
+    n = len(payload)
+    c = crc32(payload)
+    return HEADER.pack(n, c, ((n * GOLDEN) & 0xFFFFFFFF) ^ c ^ CHECK_XOR) + payload
 
 
 class LogWriter:
@@ -47,8 +56,7 @@ class LogWriter:
         self.write = self._file.write
 
     def add(self, payload: bytes) -> None:
-        hdr = HEADER.pack(len(payload), crc32(payload))
-        self.write(hdr + U32.pack(crc32(hdr)) + payload)
+        self.write(frame(payload))
 
     def flush(self) -> None:
         self._file.flush()
@@ -85,9 +93,8 @@ def read_records(path: str, data: bytes | None = None) -> Iterator[tuple[int, by
     while pos < size:
         if size - pos < HEADER_SIZE:
             return
-        length, pcrc = HEADER.unpack_from(data, pos)
-        (hcrc,) = U32.unpack_from(data, pos + 8)
-        if crc32(data[pos:pos + 8]) != hcrc:
+        length, pcrc, check = HEADER.unpack_from(data, pos)
+        if header_check(length, pcrc) != check:
             if _all_zero(data, pos):
                 return
             raise Corruption(path, pos, "bad record header checksum")
