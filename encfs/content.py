@@ -7,7 +7,9 @@ past the end or by growing truncate holds encrypted zeros, so it reads back as
 zeros. Gaps are filled in bounded chunks, so a huge gap never needs huge memory.
 
 The fd must not be opened with O_APPEND: Linux ignores pwrite's offset on such fds.
-Appending is ``write_at(fd, cipher, data, size)``.
+Appending is ``write_at(fd, cipher, data, size)``. Filling a gap reads the size and
+then writes, so callers serialize writes to one file that may extend it (a gap fill
+must not overwrite a concurrent write landing inside the gap).
 """
 
 from __future__ import annotations
