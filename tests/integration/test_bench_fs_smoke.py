@@ -1,0 +1,69 @@
+"""`scripts/bench_fs --quick` runs every workload on the mount and the raw directory,
+prints a figure for each, and leaves no mount or daemon behind. Speeds are not judged
+here: the targets live in the benchmark's own PASS/MISS column."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO, require_fuse
+
+pytestmark = pytest.mark.fuse
+
+BENCH = REPO / "scripts" / "bench_fs.py"
+FS_ROWS = ("seq_write", "seq_read", "rand_read_4k", "rand_write_4k", "small_create",
+           "small_stat", "small_read", "small_rename", "small_unlink", "append_fsync")
+KV_ROWS = ("rocksdb_fill", "rocksdb_fill_sync")
+NUMBER = r"[0-9][0-9,]*(?:\.[0-9]+)?"
+
+
+def test_quick_bench_prints_every_row(tmp_path: Path) -> None:
+    require_fuse()
+    have_rocksdb = importlib.util.find_spec("rocksdict") is not None
+    groups = "seq,rand,small,append" + (",rocksdb" if have_rocksdb else "")
+    rows = FS_ROWS + (KV_ROWS if have_rocksdb else ())
+    env = {k: v for k, v in os.environ.items() if k != "TDEFS_FAILPOINTS"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", groups, "--dir", str(tmp_path),
+         "--json", str(tmp_path / "result.json")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+
+    # the final table: a row per workload with raw, tdefs and their ratio
+    for name in rows:
+        pattern = rf"^{name}\s+\S+\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+-\s+-"
+        assert re.search(pattern, proc.stdout, re.MULTILINE), f"no figures for {name}:\n{output}"
+    assert re.search(rf"^daemon_peak_rss\s+MiB\s+-\s+{NUMBER}\s", proc.stdout, re.MULTILINE), output
+
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["failures"] == []
+    by_name = {r["workload"]: r for r in result["rows"]}
+    assert set(by_name) == {*rows, "daemon_peak_rss"}
+    for name in rows:
+        assert by_name[name]["raw"] > 0 and by_name[name]["tdefs"] > 0, by_name[name]
+    assert 0 < by_name["daemon_peak_rss"]["tdefs"] < 4096
+
+    # everything it mounted is gone, and so is its work directory
+    with open("/proc/self/mounts") as f:
+        assert str(tmp_path) not in f.read()
+    leftover = [p.pid for p in psutil.process_iter(["cmdline"])
+                if any(str(tmp_path) in part for part in p.info["cmdline"] or [])]
+    assert leftover == [], f"daemons still running: {leftover}"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_bench_refuses_bad_options(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH), "--only", "nonsense"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown workload 'nonsense'" in proc.stderr
+    assert "Traceback" not in proc.stderr
