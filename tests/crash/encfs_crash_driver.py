@@ -10,6 +10,7 @@ armed; the child opens the vault, runs ``op`` and dies at the failpoint.
 from __future__ import annotations
 
 import os
+import random
 import stat
 import sys
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from encfs import content  # noqa: E402
-from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE  # noqa: E402
+from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2  # noqa: E402
 from encfs.masterkey import MasterKeySource  # noqa: E402
 from encfs.vault import INIT_DIR, META_DIR, Vault  # noqa: E402
 
@@ -149,7 +150,104 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+# -- random sequences: the same operations on a vault and on a plain directory -------
+
+RANDOM_NAMES = ["f", "g", "h", "d/f", "d/g", "e/f", "e/g"]
+RANDOM_START: list[tuple] = [("mkdir", "d"), ("mkdir", "e"), ("write", "f", body("f")),
+                             ("write", "d/f", body("d/f")), ("write", "e/g", body("e/g"))]
+
+
+def random_ops(seed: int, n: int) -> list[tuple]:
+    rng = random.Random(seed)
+    ops = list(RANDOM_START)
+    for i in range(n):
+        kind = rng.choice(["write", "write", "rename", "rename", "rename", "link", "unlink",
+                           "truncate", "rename_dir"])
+        a, b = rng.choice(RANDOM_NAMES), rng.choice(RANDOM_NAMES)
+        if kind == "write":
+            ops.append(("write", a, body(f"{a}#{seed}.{i}")[: rng.randint(1, 700)]))
+        elif kind == "rename":
+            ops.append(("rename", a, b, rng.choice([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE])))
+        elif kind == "rename_dir":
+            ops.append(("rename", *rng.sample(["d", "e", "x"], 2), rng.choice([0, RENAME_EXCHANGE])))
+        elif kind == "link":
+            ops.append(("link", a, b))
+        else:
+            ops.append((kind, a))
+    return ops
+
+
+def apply_vault(vault: Vault, op: tuple) -> None:
+    kind, *args = op
+    if kind == "mkdir":
+        os.mkdir(vault.root / args[0])
+    elif kind == "write":
+        fd, cipher = vault.create(args[0].encode(), os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            content.write_at(fd, cipher, args[1], 0)
+        finally:
+            os.close(fd)
+    elif kind == "rename":
+        vault.rename(args[0].encode(), args[1].encode(), args[2])
+    elif kind == "link":
+        vault.link(args[0].encode(), args[1].encode())
+    elif kind == "unlink":
+        vault.unlink(args[0].encode())
+    elif kind == "truncate":
+        if not stat.S_ISREG(os.lstat(vault.root / args[0]).st_mode):
+            raise IsADirectoryError(21, "not a file")
+        vault.truncate_to_zero(args[0].encode())
+
+
+def apply_plain(root: Path, op: tuple) -> None:
+    kind, *args = op
+    if kind == "mkdir":
+        os.mkdir(root / args[0])
+    elif kind == "write":
+        fd = os.open(root / args[0], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, args[1])
+        finally:
+            os.close(fd)
+    elif kind == "rename":
+        renameat2(root / args[0], root / args[1], args[2])
+    elif kind == "link":
+        os.link(root / args[0], root / args[1], follow_symlinks=False)
+    elif kind == "unlink":
+        os.unlink(root / args[0])
+    elif kind == "truncate":
+        if not stat.S_ISREG(os.lstat(root / args[0]).st_mode):
+            raise IsADirectoryError(21, "not a file")
+        os.truncate(root / args[0], 0)
+
+
+def plain_tree(root: Path) -> State:
+    state: State = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            full = Path(dirpath, name)
+            state[str(full.relative_to(root))] = full.read_bytes()
+    return state
+
+
+def run_random(seed: int, n: int, backing: str, source: MasterKeySource, progress: str) -> None:
+    """Apply the sequence; after each operation append its index to ``progress``."""
+    vault = Vault.open(backing, source)
+    fd = os.open(progress, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for i, op in enumerate(random_ops(seed, n)):
+        try:
+            apply_vault(vault, op)
+        except OSError:
+            pass  # the plain directory fails the same operation the same way
+        os.write(fd, f"{i}\n".encode())
+    vault.close()
+
+
 def main(argv: list[str]) -> int:
+    if argv[0] == "random":
+        _, seed, n, backing, key_file, progress = argv
+        run_random(int(seed), int(n), backing, MasterKeySource.key_file(key_file), progress)
+        return 0
     name, backing, key_file = argv
     source = MasterKeySource.key_file(key_file)
     if name == "init":

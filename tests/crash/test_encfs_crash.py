@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +133,55 @@ def test_crash_at_failpoint(tmp_path, scenario, spec):
         assert driver.read_tree(vault) == before
     _run_child(scenario, spec, backing, key)
     _check_recovered(backing, source, before, after)
+
+
+# failpoints of the vault operations and of the log, hit at a random count
+_RANDOM_POINTS = ("create.after-new", "unlink.after-unlink", "link.after-new",
+                  "truncate.after-truncate", *_RENAME, *_RENAME, *_APPEND)
+RANDOM_SEEDS = 20
+
+
+def test_random_sequences_killed_at_random_points(tmp_path):
+    """db_stress style: a random sequence of operations, killed at the N-th hit of a
+    random failpoint; the recovered tree must equal the plain directory's tree after
+    the last completed operation or after the one that was interrupted."""
+    crashed = 0
+    for seed in range(RANDOM_SEEDS):
+        rng = random.Random(1000 + seed)
+        base = tmp_path / f"s{seed}"
+        base.mkdir()
+        key = base / "k"
+        generate_key_file(key)
+        source = MasterKeySource.key_file(key)
+        backing, plain, progress = base / "vault", base / "plain", base / "progress"
+        Vault.create(backing, source).close()
+        ops = driver.random_ops(seed, 20)
+        plain.mkdir()
+        states = [driver.plain_tree(plain)]
+        for op in ops:
+            try:
+                driver.apply_plain(plain, op)
+            except OSError:
+                pass
+            states.append(driver.plain_tree(plain))
+        spec = f"{rng.choice(_RANDOM_POINTS)}=crash@{rng.randint(1, 5)}"
+        proc = subprocess.run(
+            [sys.executable, str(DRIVER), "random", str(seed), "20", str(backing), str(key),
+             str(progress)],
+            env=dict(os.environ, TDEFS_FAILPOINTS=spec), cwd=REPO, capture_output=True,
+            text=True, timeout=120)
+        assert proc.returncode in (0, CRASH_EXIT_CODE), proc.stderr[-2000:]
+        done = len(progress.read_text().split()) if progress.exists() else 0
+        if proc.returncode == CRASH_EXIT_CODE:
+            crashed += 1
+            allowed = [states[done], states[done + 1]]
+        else:
+            assert done == len(ops)
+            allowed = [states[-1]]
+        with Vault.open(backing, source) as vault:
+            got = driver.read_tree(vault)
+            assert got in allowed, f"seed {seed}, {spec}, after {done} ops: {sorted(got)}"
+            for rel in vault.files.entries:
+                assert (backing / os.fsdecode(rel)).is_file()
+        shutil.rmtree(base)
+    assert crashed >= RANDOM_SEEDS // 2, f"only {crashed} of {RANDOM_SEEDS} runs reached their failpoint"
