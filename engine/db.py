@@ -59,7 +59,7 @@ from .wal import (
     read_records,
 )
 
-_FILE_RE = re.compile(r"^(\d+)\.(sst|log|dbtmp)$|^MANIFEST-(\d+)$|^compaction-.*\.tmp$")
+_FILE_RE = re.compile(r"^(\d+)\.(sst|log)$|^MANIFEST-(\d+)$|^.*\.dbtmp$|^compaction-.*\.tmp$")
 _NO_SNAPSHOT = -1
 # Compaction children run below flushes and the foreground on a shared machine.
 COMPACTION_NICENESS = 10
@@ -299,7 +299,7 @@ class DB:
                 continue
             if m.group(2) == "sst":
                 n = int(m.group(1))
-                dead = n < floor and n not in pending and n not in live_tables
+                dead = n not in live_tables and (recovering or (n < floor and n not in pending))
             elif m.group(2) == "log":
                 n = int(m.group(1))
                 dead = n < log_floor and n not in live_logs
@@ -696,10 +696,13 @@ class DB:
             self._drain_releases()
             snapshots = list(self._snapshots)
             tag = f"compaction-{vs.new_file_number()}-"
-        outputs = run_job(compaction_job, groups, self._file(tag), snapshots, c.bottommost,
-                          opts.target_file_size_base, opts.block_size, opts.compression,
-                          opts.bloom_bits_per_key, isolated=opts.background_processes,
-                          niceness=COMPACTION_NICENESS)
+        try:
+            outputs = run_job(compaction_job, groups, self._file(tag), snapshots, c.bottommost,
+                              opts.target_file_size_base, opts.block_size, opts.compression,
+                              opts.bloom_bits_per_key, isolated=opts.background_processes,
+                              niceness=COMPACTION_NICENESS)
+        except OSError as exc:
+            raise BackgroundError(f"compaction failed: {exc}") from None
         epoch = c.epoch
         new_files = []
         try:
@@ -728,6 +731,9 @@ class DB:
         with self._vlock:
             version = self._vs.log_and_apply(edit)
             with self._lock:
+                # Ingested tables may carry sequence numbers above every write so far.
+                if self._vs.last_sequence > self._seq:
+                    self._seq = self._vs.last_sequence
                 self._publish(version)
                 self._cond.notify_all()
         for f in obsolete:
@@ -778,6 +784,9 @@ class DB:
                     self._mark_busy(c)
                 try:
                     self._run_compaction(c)
+                except BaseException as exc:
+                    self._set_bg_error(exc)
+                    raise
                 finally:
                     self._unmark_busy(c)
         finally:
@@ -811,7 +820,13 @@ class DB:
         for level, f in version.files():
             reader = f.reader
             path = reader.path
-            if os.path.getsize(path) != f.size:
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                if any(g is f for _, g in self._sv[2].files()):
+                    raise Corruption(path, None, "live table file is missing") from None
+                continue  # compacted away since this check began
+            if size != f.size:
                 raise Corruption(path, None, "table size differs from the MANIFEST")
             reader.verify()
             if reader.num_blocks:

@@ -1,0 +1,13 @@
+"""Shared helpers for engine tests: small options so every path runs quickly."""
+
+from __future__ import annotations
+
+from engine import Options
+
+
+def small_options(**kw) -> Options:
+    base = dict(write_buffer_size=16 << 10, target_file_size_base=16 << 10,
+                max_bytes_for_level_base=48 << 10, block_size=512,
+                level0_file_num_compaction_trigger=2, background_processes=False)
+    base.update(kw)
+    return Options(**base)

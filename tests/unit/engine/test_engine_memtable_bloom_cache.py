@@ -1,0 +1,68 @@
+"""Memtable version keeping, bloom filters and the block cache."""
+
+from __future__ import annotations
+
+import os
+
+from engine.block_cache import BlockCache
+from engine.bloom import BloomFilter, build_filter, key_hash
+from engine.memtable import MemTable
+
+
+def test_memtable_replaces_versions_no_snapshot_needs():
+    m = MemTable(1)
+    m.add(1, b"k", b"a", -1)
+    m.add(2, b"k", b"b", -1)
+    assert m.table[b"k"] == (2, b"b")
+    assert m.get(b"k") == (True, b"b")
+    assert m.get(b"k", 1) == (False, None)
+
+
+def test_memtable_keeps_versions_a_snapshot_sees():
+    m = MemTable(1)
+    m.add(1, b"k", b"a", -1)
+    m.add(2, b"k", b"b", 1)  # a snapshot at 1 sees "a"
+    m.add(3, b"k", None, 1)  # nobody sees "b" any more; "a" must stay
+    assert m.get(b"k") == (True, None)
+    assert m.get(b"k", 1) == (True, b"a")
+    assert m.get(b"k", 2) == (True, b"a")
+    assert list(m.entries()) == [(b"k", 3, None), (b"k", 1, b"a")]
+
+
+def test_memtable_scan_and_sorted_cache():
+    m = MemTable(1)
+    for i, k in enumerate([b"c", b"a", b"b"]):
+        m.add(i + 1, k, k.upper(), -1)
+    assert m.sorted_keys() == [b"a", b"b", b"c"]
+    m.add(4, b"aa", b"AA", -1)
+    assert m.sorted_keys() == [b"a", b"aa", b"b", b"c"]
+    assert list(m.scan(b"aa", b"c", 10, 0)) == [(b"aa", 0, b"AA"), (b"b", 0, b"B")]
+    assert list(m.scan(None, None, 2, 5, reverse=True)) == [(b"c", 5, b"C"), (b"a", 5, b"A")]
+
+
+def test_bloom_has_no_false_negatives_and_few_false_positives():
+    keys = [os.urandom(16) for _ in range(5000)]
+    f = BloomFilter(build_filter([key_hash(k) for k in keys], 10))
+    assert all(f.may_contain(key_hash(k)) for k in keys)
+    others = [os.urandom(16) for _ in range(5000)]
+    fp = sum(f.may_contain(key_hash(k)) for k in others) / len(others)
+    assert fp < 0.05
+
+
+def test_empty_bloom_matches_everything():
+    assert BloomFilter(b"").may_contain(123)
+
+
+def test_block_cache_respects_budget_and_lru():
+    c = BlockCache(100)
+    c.insert(1, "a", 40)
+    c.insert(2, "b", 40)
+    assert c.get(1) == "a"  # 1 is now most recent
+    c.insert(3, "c", 40)
+    assert c.get(2) is None
+    assert c.get(1) == "a" and c.get(3) == "c"
+    assert c.usage <= 100
+    c.insert(4, "huge", 1000)
+    assert c.get(4) is None
+    c.erase_table(1, 3)
+    assert c.usage == 0
