@@ -165,6 +165,30 @@ def add_key_options(parser: argparse.ArgumentParser) -> None:
                     help="a fixed, public master key: for tests only")
 
 
+def add_new_key_options(parser: argparse.ArgumentParser) -> None:
+    """Options naming a new master key (master key rotation); none is required here."""
+    group = parser.add_argument_group("new master key (for rekey)")
+    ex = group.add_mutually_exclusive_group()
+    ex.add_argument("--new-key-file", metavar="F", help="the new key file (see --generate-key)")
+    ex.add_argument("--new-passphrase-file", metavar="F", help="read the new passphrase from F")
+    ex.add_argument("--new-passphrase-env", metavar="VAR", help="read the new passphrase from VAR")
+    ex.add_argument("--new-passphrase", action="store_true", help="ask for the new passphrase")
+
+
+def new_source_from_args(args: argparse.Namespace) -> MasterKeySource:
+    """The source named by the --new-* options (a terminal passphrase is asked twice)."""
+    renamed = argparse.Namespace(
+        key_file=getattr(args, "new_key_file", None),
+        passphrase_file=getattr(args, "new_passphrase_file", None),
+        passphrase_env=getattr(args, "new_passphrase_env", None),
+        passphrase=getattr(args, "new_passphrase", False),
+    )
+    if not (renamed.key_file or renamed.passphrase_file or renamed.passphrase_env or renamed.passphrase):
+        raise TdefsError("rekey needs the new master key: --new-key-file, --new-passphrase-file,"
+                         " --new-passphrase-env or --new-passphrase")
+    return source_from_args(renamed, confirm=True)
+
+
 def _strip_newline(secret: bytes) -> bytes:
     if secret.endswith(b"\r\n"):
         return secret[:-2]

@@ -13,7 +13,13 @@ from typing import Any
 from encfs.cipher import DEFAULT_METHOD, METHODS
 from encfs.errors import TdefsError
 from encfs.fsck import FsckReport, check
-from encfs.masterkey import add_key_options, generate_key_file, source_from_args
+from encfs.masterkey import (
+    add_key_options,
+    add_new_key_options,
+    generate_key_file,
+    new_source_from_args,
+    source_from_args,
+)
 from encfs.vault import Vault
 
 
@@ -34,10 +40,16 @@ def register(sub: Any) -> None:
                    help="remove stale entries, resolve crash leftovers, salvage a damaged files.dict")
     p.set_defaults(func=_fsck)
 
-    p = sub.add_parser("keys", help="list or rotate a vault's data keys (offline)")
-    p.add_argument("action", choices=("list", "rotate"))
+    p = sub.add_parser("keys", help="list or rotate a vault's data keys, or change its master key"
+                                     " (offline)")
+    p.add_argument("action", choices=("list", "rotate", "rekey"),
+                   help="list data keys; rotate: new active data key; rekey: re-seal the data"
+                        " keys under a new master key")
     p.add_argument("backing", type=Path, metavar="BACKING")
     add_key_options(p)
+    add_new_key_options(p)
+    p.add_argument("--generate-key", action="store_true",
+                   help="rekey with --new-key-file: write a new random key file if it does not exist")
     p.add_argument("--method", choices=[m for m in METHODS if m != "plaintext"],
                    help="rotate: cipher of the new key (default: that of the active key)")
     p.set_defaults(func=_keys)
@@ -111,7 +123,19 @@ def _fsck(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
+    new_source = None
+    if args.action == "rekey":
+        if args.generate_key and args.new_key_file and not os.path.lexists(args.new_key_file):
+            generate_key_file(args.new_key_file)
+            print(f"wrote a new master key to {args.new_key_file} (mode 0600)")
+        new_source = new_source_from_args(args)
+        new_source.check()
     with Vault.open(args.backing, source_from_args(args)) as vault:
+        if new_source is not None:
+            vault.keys.reseal(new_source)
+            print(f"vault {vault.root} is now sealed with the new master key ({new_source.kind});"
+                  " the old one no longer opens it")
+            return 0
         if args.action == "rotate":
             key_id = vault.keys.rotate(args.method)
             print(f"new active data key {key_id} ({vault.keys.active.method}); files using older keys"

@@ -147,7 +147,13 @@ SCENARIOS: dict[str, Scenario] = {
         _setup_with({"a": A, "keep": K}, {"a": A, "keep": K}),
         lambda v: v.keys.rotate(),
     ),
+    # master key rotation; the new key file is the old one's name + ".new"
+    "reseal": Scenario(
+        _setup_with({"a": A, "keep": K}, {"a": A, "keep": K}),
+        lambda v: v.keys.reseal(MasterKeySource.key_file(NEW_KEY)),
+    ),
 }
+NEW_KEY = ""
 
 
 # -- random sequences: the same operations on a vault and on a plain directory -------
@@ -249,6 +255,8 @@ def main(argv: list[str]) -> int:
         run_random(int(seed), int(n), backing, MasterKeySource.key_file(key_file), progress)
         return 0
     name, backing, key_file = argv
+    global NEW_KEY
+    NEW_KEY = key_file + ".new"
     source = MasterKeySource.key_file(key_file)
     if name == "init":
         # the vault does not exist yet: the operation is making it

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from encfs.errors import WrongMasterKey
 from encfs.failpoints import CRASH_EXIT_CODE, FAILPOINTS
 from encfs.masterkey import MasterKeySource, generate_key_file
 from encfs.vault import Vault
@@ -66,6 +67,7 @@ CASES: list[tuple[str, str]] = [
     *[("truncate", f) for f in _APPEND],
     *[("rewrite", f) for f in _REWRITE],
     *[("rotate", f) for f in _KEYS],
+    *[("reseal", f) for f in _KEYS],
     ("init", "init.before-publish"),
     *[("init", f) for f in _KEYS],
 ]
@@ -131,7 +133,15 @@ def test_crash_at_failpoint(tmp_path, scenario, spec):
     with Vault.create(backing, source) as vault:
         before, after = sc.setup(vault)
         assert driver.read_tree(vault) == before
+    if scenario == "reseal":
+        generate_key_file(f"{key}.new")
     _run_child(scenario, spec, backing, key)
+    if scenario == "reseal":
+        # sealed under the old master key or the new one, never neither
+        try:
+            Vault.open(backing, source).close()
+        except WrongMasterKey:
+            source = MasterKeySource.key_file(f"{key}.new")
     _check_recovered(backing, source, before, after)
 
 

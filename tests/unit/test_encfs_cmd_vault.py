@@ -126,3 +126,20 @@ def test_not_a_vault_and_bad_key_file_mode(tmp_path, capsys):
     key.chmod(0o644)
     code, _, err = run(capsys, "init", str(tmp_path / "v"), "--key-file", str(key))
     assert code == 1 and "chmod 600" in err and not (tmp_path / "v").exists()
+
+
+def test_keys_rekey_changes_the_master_key(initialised, capsys):
+    backing, key = initialised
+    write(backing, key, {"a": b"A" * 20})
+    new = backing.parent / "new.key"
+    code, _, err = run(capsys, "keys", "rekey", str(backing), "--key-file", str(key))
+    assert code == 1 and "--new-key-file" in err
+    code, out, _ = run(capsys, "keys", "rekey", str(backing), "--key-file", str(key),
+                       "--new-key-file", str(new), "--generate-key")
+    assert code == 0 and "new master key" in out
+    code, _, err = run(capsys, "keys", "list", str(backing), "--key-file", str(key))
+    assert code == 1 and "wrong master key" in err
+    with Vault.open(backing, MasterKeySource.key_file(new)) as v:
+        fd = os.open(backing / "a", os.O_RDONLY)
+        assert content.read_at(fd, v.cipher_for(b"a"), 100, 0) == b"A" * 20
+        os.close(fd)
