@@ -235,6 +235,9 @@ class FileDictionary:
         self._written = 0  # sequence number of the last record written
         self._durable = 0  # records up to this sequence number are on disk
         self._syncing = False
+        # after a failed fdatasync the kernel may have dropped the dirty pages, so a
+        # later "successful" one proves nothing: refuse to go on until reopened
+        self._sync_error: OSError | None = None
 
     # -- opening -------------------------------------------------------------------
 
@@ -353,6 +356,7 @@ class FileDictionary:
         with self._lock:
             if self._fd < 0:
                 raise OSError(errno.EBADF, f"{self.path} is not open for writing")
+            self._check_sync_error()
             rec, mac = _record(self._mac_key, self._prev_mac, payload)
             try:
                 if ARMED:
@@ -395,6 +399,7 @@ class FileDictionary:
                 target = self._written if seq is None else seq
                 if self._durable >= target:
                     return
+                self._check_sync_error()
                 if self._syncing:
                     self._cond.wait()
                     continue
@@ -405,12 +410,20 @@ class FileDictionary:
             try:
                 os.fdatasync(fd)
                 ok = True
+            except OSError as exc:
+                self._sync_error = exc
+                raise
             finally:
                 with self._cond:
                     self._syncing = False
                     if ok:
                         self._durable = max(self._durable, upto)
                     self._cond.notify_all()
+
+    def _check_sync_error(self) -> None:
+        if self._sync_error is not None:
+            raise OSError(errno.EIO, f"{self.path}: an earlier fdatasync failed"
+                          f" ({self._sync_error.strerror}); reopen the vault")
 
     def _should_rewrite(self) -> bool:
         live = len(self.entries) + len(self.pending)
@@ -452,7 +465,8 @@ class FileDictionary:
 
     def close(self) -> None:
         if self._fd >= 0:
-            self.sync()
+            if self._sync_error is None:
+                self.sync()
             with self._cond:
                 os.close(self._fd)
                 self._fd = -1

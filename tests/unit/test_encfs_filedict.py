@@ -208,3 +208,23 @@ def test_group_commit_shares_fsyncs(tmp_path, monkeypatch):
     assert len(calls) < appends / 2, f"{len(calls)} fdatasyncs for {appends} appends"
     d.close()
     assert len(FileDictionary.open(d.path, MAC_KEY).entries) == appends
+
+
+def test_a_failed_fdatasync_poisons_the_log_until_reopened(tmp_path, monkeypatch):
+    d = new_log(tmp_path)
+    d.append([("put", b"a", info(1))])
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        d.append([("put", b"b", info(2))])
+    monkeypatch.undo()
+    # the kernel may have dropped the pages: a retry must not be believed
+    with pytest.raises(OSError, match="earlier fdatasync failed"):
+        d.append([("put", b"c", info(3))])
+    with pytest.raises(OSError, match="earlier fdatasync failed"):
+        d.sync()
+    d.close()
+    assert FileDictionary.open(d.path, MAC_KEY).entries[b"a"] == info(1)
