@@ -834,6 +834,10 @@ class DB:
                 if first < f.smallest or reader.index_keys[-1] > f.largest:
                     raise Corruption(path, None, f"keys outside the MANIFEST's range (level {level})")
 
+    def level_file_counts(self) -> dict[int, int]:
+        """Number of tables at each level of the current version."""
+        return {level: len(files) for level, files in enumerate(self._sv[2].levels)}
+
     def property(self, name: str) -> object:
         """Introspection: ``levels`` (files and bytes per level), ``stats``, ``sequence``."""
         version = self._sv[2]
