@@ -341,6 +341,11 @@ class Vault:
                         del self._busy[p]
                 self._busy_cond.notify_all()
 
+    def _drop_if_stale(self, rel: bytes) -> None:
+        """An operation met ``rel``'s entry but not its file: the entry is stale."""
+        if rel in self.files.entries and not self._is_regular(rel):
+            self.files.append([("del", rel)], sync=False)
+
     def _new_info(self) -> FileInfo:
         key = self.keys.active
         return FileInfo(key.method, key.id, secrets.token_bytes(IV_SIZE))
@@ -394,7 +399,11 @@ class Vault:
         """Remove a non-directory; its entry goes once the removal is durable."""
         _check_rel(rel)
         path = self._abs(rel)
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            self._drop_if_stale(rel)
+            raise
         failpoint("unlink.after-unlink")
         if rel in self.files.entries:
             # a DEL that reached the disk before the unlink would leave ciphertext
@@ -409,8 +418,7 @@ class Vault:
         sp, dp = self._abs(src), self._abs(dst)
         info = self.files.entries.get(src)
         if info is not None and not self._is_regular(src):
-            # src's entry is stale: drop it, then fail as link(2) would
-            self.files.append([("del", src)], sync=False)
+            self._drop_if_stale(src)  # then fail (or link a non-file) as link(2) would
             info = None
         if info is None:
             os.link(sp, dp, follow_symlinks=False)
@@ -433,7 +441,11 @@ class Vault:
         with self._busy_paths(rel):
             own = fd is None
             if own:
-                fd = os.open(self._abs(rel), os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    fd = os.open(self._abs(rel), os.O_WRONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    self._drop_if_stale(rel)
+                    raise
             try:
                 os.ftruncate(fd, 0)
                 os.fsync(fd)  # the new IV must never be durable while old bytes are
@@ -460,7 +472,11 @@ class Vault:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         sp, dp = self._abs(src), self._abs(dst)
-        st_src = os.lstat(sp)
+        try:
+            st_src = os.lstat(sp)
+        except FileNotFoundError:
+            self._drop_if_stale(src)
+            raise
         try:
             st_dst: os.stat_result | None = os.lstat(dp)
         except FileNotFoundError:

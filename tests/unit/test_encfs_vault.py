@@ -198,6 +198,13 @@ def test_stale_entries_are_met_and_dropped(tmp_path, source, vault):
     with pytest.raises(FileNotFoundError):
         vault.link(b"a", b"b")
     assert b"a" not in vault.files.entries  # link met it and dropped it
+    for rel, op in ((b"s1", vault.unlink), (b"s2", lambda r: vault.rename(r, b"x")),
+                    (b"s3", vault.truncate_to_zero)):
+        put(vault, rel, b"S")
+        os.unlink(vault.root / os.fsdecode(rel))
+        with pytest.raises(FileNotFoundError):
+            op(rel)
+        assert rel not in vault.files.entries, rel
     put(vault, b"ghost", b"G")  # create over a stale entry
     assert get(vault, b"ghost") == b"G"
     os.unlink(vault.root / "ghost")
