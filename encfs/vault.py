@@ -496,9 +496,12 @@ class Vault:
             renameat2(sp, dp, flags)
             return
         rule = RULE_SRC_REPLACED if exchange else RULE_SRC_GONE
+        txid = self.files.begin(rule, src, st_src.st_ino, ops)
+        failpoint("rename.after-intent")
+        # until the COMMIT is applied the entries describe the tree before the rename:
+        # lookups of these names wait from the rename on (the intent, already durable,
+        # covers a crash from here)
         with self._busy_paths(src, dst):
-            txid = self.files.begin(rule, src, st_src.st_ino, ops)
-            failpoint("rename.after-intent")
             try:
                 renameat2(sp, dp, flags)
             except BaseException:
@@ -511,8 +514,8 @@ class Vault:
             if _parent(src) != _parent(dst):
                 fsync_dir(dparent if b"/" in dst else self._root_b)
             seq = self.files.append([("commit", txid)], sync=False)
-            failpoint("rename.after-commit")
-            self.files.sync(seq)
+        failpoint("rename.after-commit")
+        self.files.sync(seq)
 
     def _rename_ops(self, src: bytes, dst: bytes, dst_exists: bool, exchange: bool) -> list[Op]:
         """The dictionary's after-state of a rename, as DELs then PUTs."""

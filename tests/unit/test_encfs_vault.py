@@ -312,3 +312,29 @@ def test_concurrent_operations(tmp_path, source, vault):
         assert not v.recovery.stale
         assert {rel: get(v, rel) for rel in expected} == expected
         assert set(v.files.entries) == set(expected)
+
+
+def test_lookups_wait_for_a_rename_in_flight(vault, monkeypatch):
+    import encfs.vault as vault_module
+
+    put(vault, b"CURRENT", b"old")
+    put(vault, b"CURRENT.tmp", b"new")
+    new_cipher = vault.cipher_for(b"CURRENT.tmp")
+    seen, blocked = [], []
+    real = vault_module.renameat2
+
+    def renaming(src, dst, flags):
+        real(src, dst, flags)
+        # the tree is renamed, the entries not yet: a lookup now must wait
+        t = threading.Thread(target=lambda: seen.append(vault.cipher_for(b"CURRENT")))
+        t.start()
+        t.join(0.05)
+        blocked.append(t.is_alive())
+        threads.append(t)
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(vault_module, "renameat2", renaming)
+    vault.rename(b"CURRENT.tmp", b"CURRENT")
+    threads[0].join(5)
+    assert blocked == [True]
+    assert seen == [new_cipher]
