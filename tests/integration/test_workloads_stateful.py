@@ -288,7 +288,7 @@ def test_mount_matches_plain_directory(shared_vault: VaultPaths, tmp_path: Path)
     Machine.counter = itertools.count()
 
     run_state_machine_as_test(Machine, settings=settings(
-        max_examples=25, stateful_step_count=30, deadline=None, database=None,
+        max_examples=40, stateful_step_count=40, deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
 
     # what the daemon wrote to the backing files decrypts to the same trees after a remount
