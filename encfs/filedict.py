@@ -309,6 +309,11 @@ class FileDictionary:
                         ops = decode_ops(payload)
                     except ValueError as exc:
                         problem = f"malformed record ({exc})"
+            if problem is not None and data.count(0, pos) == end - pos:
+                # only zeros from here on: a power cut extended the file before its
+                # data landed (no real record is all zeros: its MAC is not)
+                self.dropped_tail = end - pos
+                break
             if problem is not None:
                 if not salvage:
                     raise Corruption(where, pos, problem + "; tdefs fsck --repair salvages the log")

@@ -228,3 +228,19 @@ def test_a_failed_fdatasync_poisons_the_log_until_reopened(tmp_path, monkeypatch
         d.sync()
     d.close()
     assert FileDictionary.open(d.path, MAC_KEY).entries[b"a"] == info(1)
+
+
+def test_a_tail_of_zeros_is_a_torn_tail(tmp_path):
+    # a power cut can leave the file longer than the data that reached the disk
+    d, full, offsets = _flipped_log(tmp_path)
+    for zeros in (1, 7, 8, 100, 5000):
+        d.path.write_bytes(full + bytes(zeros))
+        again = FileDictionary.open(d.path, MAC_KEY)
+        assert len(again.entries) == 8 and again.dropped_tail == zeros
+        again.close()
+        assert d.path.read_bytes() == full
+    # but zeros in the middle, with a record after them, are damage
+    d.path.write_bytes(full[: offsets[3]] + bytes(offsets[4] - offsets[3]) + full[offsets[4]:])
+    with pytest.raises(Corruption) as err:
+        FileDictionary.open(d.path, MAC_KEY)
+    assert err.value.offset == offsets[3]
