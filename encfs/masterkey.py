@@ -30,6 +30,7 @@ SCRYPT_N = 1 << 15
 SCRYPT_R = 8
 SCRYPT_P = 1
 SCRYPT_SALT_SIZE = 16
+SCRYPT_MAX_N = 1 << 22
 
 
 def _describe_backend(kind: str) -> str:
@@ -149,6 +150,10 @@ class MasterKeySource:
             raise VaultError(f"vault {vault}: keys.dict has a malformed scrypt header") from None
         if kdf.get("name") != "scrypt":
             raise VaultError(f"vault {vault}: unknown key derivation {kdf.get('name')!r}")
+        if not (2 <= n <= SCRYPT_MAX_N and n & (n - 1) == 0 and 1 <= r <= 64 and 1 <= p <= 64):
+            # the header is read before anything is authenticated: bound the work it asks for
+            raise VaultError(f"vault {vault}: keys.dict asks for scrypt n={n} r={r} p={p},"
+                             " outside the accepted range")
         return hashlib.scrypt(self._secret, salt=salt, n=n, r=r, p=p,
                               maxmem=256 * n * r + (1 << 20), dklen=MASTER_KEY_SIZE)
 

@@ -192,3 +192,11 @@ def test_plaintext_backend_warns(tmp_path, capsys):
     backing = make_vault(tmp_path, source)
     with Vault.open(backing, source) as v:
         assert v.keys.backend == "plaintext"
+
+
+def test_scrypt_cost_in_the_header_is_bounded(tmp_path):
+    source = MasterKeySource.passphrase(b"pw", scrypt_n=FAST_N)
+    header = source.new_header()
+    header["kdf"]["n"] = 1 << 30
+    with pytest.raises(VaultError, match="outside the accepted range"):
+        source.derive(header, "v")
