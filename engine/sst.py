@@ -25,10 +25,10 @@ import json
 import mmap
 import os
 import struct
-import sys
 import zlib
 from bisect import bisect_left
 from collections.abc import Iterator
+from functools import lru_cache
 from itertools import accumulate
 from operator import add
 from zlib import crc32
@@ -53,7 +53,6 @@ COMPRESSION_NONE = 0
 COMPRESSION_ZLIB = 1
 COMPRESSIONS = {"none": COMPRESSION_NONE, "zlib": COMPRESSION_ZLIB}
 
-_NATIVE_LE = sys.byteorder == "little"
 
 
 class _Miss:
@@ -81,15 +80,21 @@ def encode_block(keys: list[bytes], tags: list[int], values: list[bytes]) -> byt
     ))
 
 
-def _unpack_array(data: bytes, start: int, count: int, code: str) -> list[int]:
-    width = 4 if code == "I" else 8
-    if _NATIVE_LE:
-        return memoryview(data)[start:start + count * width].cast(code).tolist()
-    return list(struct.unpack_from(f"<{count}{code}", data, start))
+@lru_cache(maxsize=512)
+def _array(count: int, code: str) -> struct.Struct:
+    return struct.Struct(f"<{count}{code}")
 
 
-def decode_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], list[int], list[int], bytes]:
-    """Decode block contents into ``(keys, tags, value_offsets, data)``."""
+U64 = struct.Struct("<Q")
+U32X2 = struct.Struct("<II")
+
+
+def open_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], bytes, int, int, int]:
+    """Check a block's layout and split out its keys.
+
+    Returns ``(keys, data, n, value_offsets_at, tags_at)``; tags and value offsets
+    stay packed in ``data`` until an entry is used, which keeps cached blocks small.
+    """
     size = len(data)
     if size < 8:
         raise Corruption(path, offset, "block too short")
@@ -97,13 +102,27 @@ def decode_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], list
     base = size - 4 - 8 * n - 8 * (n + 1)
     if base < 0:
         raise Corruption(path, offset, "block entry count out of range")
-    ko = _unpack_array(data, base, n + 1, "I")
-    vo = _unpack_array(data, base + 4 * (n + 1), n + 1, "I")
-    tags = _unpack_array(data, base + 8 * (n + 1), n, "Q")
-    if ko[0] != 0 or ko[n] != vo[0] or vo[n] != base:
+    ko = _array(n + 1, "I").unpack_from(data, base)
+    voff = base + 4 * (n + 1)
+    v0, = U32.unpack_from(data, voff)
+    vn, = U32.unpack_from(data, voff + 4 * n)
+    if ko[0] != 0 or ko[n] != v0 or vn != base:
         raise Corruption(path, offset, "block offsets inconsistent")
     keys = [data[s:e] for s, e in zip(ko, ko[1:], strict=False)]
-    return keys, tags, vo, data
+    return keys, data, n, voff, voff + 4 * (n + 1)
+
+
+def block_arrays(view: tuple[list[bytes], bytes, int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(tags, value_offsets)`` of a block from ``open_block``."""
+    _, data, n, voff, toff = view
+    return _array(n, "Q").unpack_from(data, toff), _array(n + 1, "I").unpack_from(data, voff)
+
+
+def decode_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], tuple[int, ...], tuple[int, ...], bytes]:
+    """Decode block contents into ``(keys, tags, value_offsets, data)``."""
+    view = open_block(data, path, offset)
+    tags, vo = block_arrays(view)
+    return view[0], tags, vo, data
 
 
 class TableBuilder:
@@ -351,16 +370,18 @@ class TableReader:
                 raise Corruption(self.path, off, "block does not decompress") from None
         raise Corruption(self.path, off, f"unknown block compression {kind}")
 
-    def block(self, i: int) -> tuple[list[bytes], list[int], list[int], bytes]:
+    def block(self, i: int) -> tuple[list[bytes], bytes, int, int, int]:
+        """Data block ``i`` as ``open_block`` returns it, through the block cache."""
         cache = self.cache
         if cache is not None:
             blk = cache.get(self._cache_base + i)
             if blk is not None:
                 return blk
         off, size = self.handles[i]
-        blk = decode_block(self._read(off, size), self.path, off)
+        blk = open_block(self._read(off, size), self.path, off)
         if cache is not None:
-            cache.insert(self._cache_base + i, blk, len(blk[3]) + 90 * len(blk[0]) + 200)
+            # The block's bytes plus about 60 bytes per key object and list slot.
+            cache.insert(self._cache_base + i, blk, len(blk[1]) + 60 * blk[2] + 150)
         return blk
 
     def get(self, key: bytes, h: int, snap: int | None) -> object:
@@ -374,14 +395,14 @@ class TableReader:
         i = bisect_left(index_keys, key)
         n = self.num_blocks
         while i < n:
-            keys, tags, vo, data = self.block(i)
+            keys, data, m, voff, toff = self.block(i)
             j = bisect_left(keys, key)
-            m = len(keys)
             while j < m and keys[j] == key:
-                tag = tags[j]
+                (tag,) = U64.unpack_from(data, toff + 8 * j)
                 if snap is None or tag >> 8 <= snap:
                     if tag & 0xFF == KIND_PUT:
-                        return data[vo[j]:vo[j + 1]]
+                        s, e = U32X2.unpack_from(data, voff + 4 * j)
+                        return data[s:e]
                     return None
                 j += 1
             if j < m:
@@ -400,7 +421,9 @@ class TableReader:
         prev = None
         first = True
         while bi < n:
-            keys, tags, vo, data = self.block(bi)
+            view = self.block(bi)
+            keys, data = view[0], view[1]
+            tags, vo = block_arrays(view)
             start = bisect_left(keys, lower) if first and lower is not None else 0
             first = False
             bounded = upper is not None and keys[-1] >= upper
@@ -428,7 +451,9 @@ class TableReader:
         pend_val = None
         have = False
         while bi >= 0:
-            keys, tags, vo, data = self.block(bi)
+            view = self.block(bi)
+            keys, data = view[0], view[1]
+            tags, vo = block_arrays(view)
             for j in range(len(keys) - 1, -1, -1):
                 k = keys[j]
                 if upper is not None and k >= upper:
