@@ -198,7 +198,7 @@ def describe_tree(root: Path) -> dict[str, tuple]:
             kind = stat.S_IFMT(st_.st_mode)
             entry: tuple = (kind, stat.S_IMODE(st_.st_mode))
             if stat.S_ISREG(st_.st_mode):
-                entry += (st_.st_nlink, hashlib.sha256(path.read_bytes()).digest())
+                entry += (st_.st_nlink, st_.st_mtime_ns, hashlib.sha256(path.read_bytes()).digest())
             elif stat.S_ISLNK(st_.st_mode):
                 entry += (os.readlink(path),)
             found[str(path.relative_to(root))] = entry
