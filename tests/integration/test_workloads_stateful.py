@@ -3,9 +3,9 @@
 A hypothesis state machine applies the same operation to a directory on the mount and
 to one on the plain disk, and requires the same outcome (result or errno) from both:
 writes at random offsets and sizes (past EOF too), O_APPEND and O_TRUNC rewrites,
-truncate, rename (files and directories, over existing targets), link, unlink, and
-open handles that outlive renames and unlinks. After every step both trees must read
-the same. The mount is made once for the module; each example gets a fresh
+truncate, rename (files and directories, over existing targets, RENAME_NOREPLACE and
+RENAME_EXCHANGE), link, unlink, and open handles that outlive renames and unlinks.
+After every step both trees must read the same. The mount is made once for the module; each example gets a fresh
 subdirectory, and at the end a remount must read every example's tree back.
 """
 
@@ -29,6 +29,8 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+
+from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 pytestmark = pytest.mark.fuse
 
@@ -181,12 +183,21 @@ class MirrorMachine(RuleBasedStateMachine):
         src = self.pick_file(pick)
         self.both(lambda root: os.rename(root / src, root / dst), f"rename {src} -> {dst}")
 
+    @precondition(lambda self: self.existing_files())
+    @rule(pick=handle_picks, dst=st.sampled_from(FILES + DIRS),
+          flag=st.sampled_from((RENAME_NOREPLACE, RENAME_EXCHANGE)))
+    def rename_with_flag(self, pick: int, dst: str, flag: int) -> None:
+        src = self.pick_file(pick)
+        self.both(lambda root: renameat2(root / src, root / dst, flag),
+                  f"renameat2 {src} -> {dst} flags {flag}")
+
     @precondition(lambda self: self.existing_dirs())
-    @rule(pick=handle_picks, dst=dirs)
-    def rename_dir(self, pick: int, dst: str) -> None:
+    @rule(pick=handle_picks, dst=dirs, flag=st.sampled_from((0, RENAME_NOREPLACE, RENAME_EXCHANGE)))
+    def rename_dir(self, pick: int, dst: str, flag: int) -> None:
         present = self.existing_dirs()
         src = present[pick % len(present)]
-        self.both(lambda root: os.rename(root / src, root / dst), f"rename dir {src} -> {dst}")
+        self.both(lambda root: renameat2(root / src, root / dst, flag),
+                  f"rename dir {src} -> {dst} flags {flag}")
 
     @precondition(lambda self: len(self.existing_dirs()) < len(DIRS))
     @rule(pick=handle_picks)
