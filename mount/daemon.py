@@ -12,6 +12,7 @@ vault; so does `tdefs umount`, which also cleans up after a daemon that died.
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import logging
 import logging.handlers
@@ -157,11 +158,16 @@ def _setup_logging(log_file: Path | None, foreground: bool) -> None:
     root.handlers[:] = [handler]
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def sync_mount(mountpoint: str | os.PathLike) -> None:
-    """Push the kernel's dirty pages of the mount down to the daemon."""
+    """Push the kernel's dirty pages of the mount down to the daemon (syncfs(2))."""
     fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.syncfs(fd) if hasattr(os, "syncfs") else pyfuse3.syncfs(str(mountpoint))
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(mountpoint))
     finally:
         os.close(fd)
 
@@ -380,7 +386,7 @@ def unmount(mountpoint: Path, lazy: bool = False) -> str:
     try:
         sync_mount(mountpoint)
     except OSError as exc:
-        log.warning("flushing %s: %s", mountpoint, exc)
+        print(f"tdefs: warning: flushing {mountpoint}: {exc.strerror}", file=sys.stderr)
     result = fusermount_unmount(mountpoint, lazy=lazy)
     if result.returncode != 0:
         detail = result.stderr.strip().removeprefix("fusermount3: ")

@@ -29,7 +29,7 @@ class Inode:
     """One file as the kernel knows it."""
 
     __slots__ = ("ino", "backing_ino", "paths", "lookups", "fds", "cipher", "lock",
-                 "mtime_ns", "written")
+                 "mtime_ns", "written", "last_st")
 
     def __init__(self, ino: int, backing_ino: int | None) -> None:
         self.ino = ino
@@ -44,6 +44,7 @@ class Inode:
         # our pwrites may have moved the backing mtime away from it since.
         self.mtime_ns: int | None = None
         self.written = False
+        self.last_st: os.stat_result | None = None  # as last told to the kernel
 
     def any_path(self) -> bytes:
         """A backing-relative path of this inode; FileNotFoundError when it has none."""
