@@ -42,6 +42,7 @@ ATTR_TIMEOUT = 60.0
 THREAD_IO_BYTES = 128 * 1024
 
 _META = META_DIR.encode()
+_CAPABILITY = b"security.capability"
 # Open flags that describe the request, not how the daemon opens the backing file:
 # the kernel computes O_APPEND offsets itself, truncation is the vault's business,
 # O_DIRECT would impose alignment on our own buffers.
@@ -598,11 +599,24 @@ class VaultFS(pyfuse3.Operations):
     @_answer_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.get(inode).no_capability = False
         self._xattr_call(inode, os.setxattr, name, value)
 
     @_answer_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self._xattr_call(inode, os.getxattr, name)
+        if name != _CAPABILITY:
+            return self._xattr_call(inode, os.getxattr, name)
+        # asked before every write(2): answer from memory once the file is known to
+        # have none (attributes change only through this daemon)
+        node = self.inodes.get(inode)
+        if node.no_capability:
+            raise _fail(errno.ENODATA)
+        try:
+            return self._xattr_call(inode, os.getxattr, name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                node.no_capability = True
+            raise
 
     @_answer_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -610,6 +624,7 @@ class VaultFS(pyfuse3.Operations):
 
     @_answer_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.get(inode).no_capability = False
         self._xattr_call(inode, os.removexattr, name)
 
     @_answer_errors

@@ -271,3 +271,17 @@ def test_tree_on_a_method_other_than_the_default(tmp_path) -> None:
         (v.mountpoint / "f").write_bytes(b"sm4 contents" * 100)
         assert (v.mountpoint / "f").read_bytes() == b"sm4 contents" * 100
         assert b"sm4 contents" not in (v.backing / "f").read_bytes()
+
+
+def test_write_drops_file_capabilities(d) -> None:
+    f = d / "capable"
+    f.write_bytes(b"binary")
+    (d / "capable").open("ab").write(b"!")  # the daemon now knows it has none
+    caps = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw, v2
+    os.setxattr(f, "security.capability", caps)
+    assert os.getxattr(f, "security.capability") == caps
+    with open(f, "ab") as h:
+        h.write(b"changed")  # the kernel removes capabilities on write
+    with pytest.raises(OSError) as exc:
+        os.getxattr(f, "security.capability")
+    assert exc.value.errno == errno.ENODATA
