@@ -205,7 +205,8 @@ class VaultFS(pyfuse3.Operations):
         except PermissionError:
             if flags & os.O_ACCMODE != os.O_RDWR:
                 raise
-            # the file is write-only for us (not root); the kernel then reads nothing
+            # a daemon that is not root may only write this file; reads of partial
+            # pages through this handle will fail, as they would without a cache
             return os.open(path, (flags & ~os.O_ACCMODE) | os.O_WRONLY)
 
     def _add_handle(self, inode: Inode, fd: int, cipher: Any) -> pyfuse3.FileInfo:
