@@ -135,18 +135,17 @@ def flush_job(mem: MemTable, path: str, block_size: int, compression: str,
     builder = TableBuilder(path, block_size, compression, bloom_bits)
     try:
         keys = mem.sorted_keys()
-        entries = list(map(mem.table.__getitem__, keys))
-        if list in set(map(type, entries)):
+        if mem.older:
             for key, seq, value in mem.entries():
                 builder.add(key, seq, value)
         else:
-            seqs, vals = zip(*entries, strict=True) if entries else ((), ())
-            if None in vals:
-                tags = [seq << 8 | (value is not None) for seq, value in entries]
-                values = [b"" if value is None else value for value in vals]
+            seqs = list(map(mem.seqs.__getitem__, keys))
+            values = list(map(mem.values.__getitem__, keys))
+            if None in values:
+                tags = [seq << 8 | (value is not None) for seq, value in zip(seqs, values, strict=True)]
+                values = [b"" if value is None else value for value in values]
             else:
                 tags = list(map(or_, map((256).__mul__, seqs), repeat(1)))
-                values = list(vals)
             step = 1 << 14
             for i in range(0, len(keys), step):
                 builder.add_many(keys[i:i + step], tags[i:i + step], values[i:i + step])

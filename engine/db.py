@@ -33,7 +33,7 @@ from .bloom import masks as bloom_masks
 from .bloom import probes_for
 from .compaction import Compaction, CompactionPicker, compaction_job, flush_job
 from .errors import BackgroundError, Corruption, DBClosed, EngineError, InvalidArgument, LockError
-from .memtable import ENTRY_OVERHEAD, MemTable
+from .memtable import ABSENT, ENTRY_OVERHEAD, MemTable
 from .options import Options
 from .sst import MISS, TableReader
 from .version import (
@@ -347,7 +347,8 @@ class DB:
             self._wal_write(HEADER.pack(n, c, ((n * GOLDEN) & 0xFFFFFFFF) ^ c ^ CHECK_XOR) + payload)
             mem = self._mem
             if self._snap_max < 0:
-                mem.table[key] = (seq, value)
+                mem.seqs[key] = seq
+                mem.values[key] = value
                 mem.size += len(key) + len(value) + ENTRY_OVERHEAD
             else:
                 mem.add(seq, key, value, self._snap_max)
@@ -382,13 +383,16 @@ class DB:
             size = 0
             if self._snap_max < 0:
                 # One dict.update is atomic for readers that take no lock.
-                update = {}
+                values = {}
+                seqs = {}
                 seq = first
                 for key, value in ops:
-                    update[key] = (seq, value)
+                    values[key] = value
+                    seqs[key] = seq
                     size += len(key) + (len(value) if value is not None else 0) + ENTRY_OVERHEAD
                     seq += 1
-                mem.table.update(update)
+                mem.seqs.update(seqs)
+                mem.values.update(values)
                 mem.size += size
             else:
                 for i, (key, value) in enumerate(ops):
@@ -444,13 +448,13 @@ class DB:
         mem, imms, version = self._sv
         if snapshot is None:
             snap = None
-            e = mem.table.get(key)
-            if e is not None:
-                return e[1] if type(e) is tuple else e[0][1]
+            value = mem.values.get(key, ABSENT)
+            if value is not ABSENT:
+                return value  # type: ignore[return-value]
             for imm in imms:
-                e = imm.table.get(key)
-                if e is not None:
-                    return e[1] if type(e) is tuple else e[0][1]
+                value = imm.values.get(key, ABSENT)
+                if value is not ABSENT:
+                    return value  # type: ignore[return-value]
         else:
             snap = snapshot.seq
             found, value = mem.get(key, snap)
@@ -493,15 +497,19 @@ class DB:
             if self._closed:
                 raise DBClosed(f"{self.path}: database is closed")
             mem, imms, version = self._sv
+            # Memtables are the only mutable part of the view; tables are immutable
+            # and the pinned version keeps them readable, so a snapshot is needed
+            # only to keep memtable versions this iterator may still read.
+            mems = [m for m in (mem, *imms) if len(m)]
             if snapshot is not None:
                 seq = snapshot.seq
                 own = None
             else:
                 seq = self._seq
-                own = self._register_snapshot(seq)
-        return self._iterate(mem, imms, version, lower, upper, reverse, seq, own)
+                own = self._register_snapshot(seq) if mems else None
+        return self._iterate(mems, version, lower, upper, reverse, seq, own)
 
-    def _iterate(self, mem: MemTable, imms: tuple[MemTable, ...], version: Version,
+    def _iterate(self, mems: list[MemTable], version: Version,
                  lower: bytes | None, upper: bytes | None, reverse: bool, seq: int,
                  own: Snapshot | None) -> Iterator[tuple[bytes, bytes]]:
         try:
@@ -510,19 +518,17 @@ class DB:
             sign = -1 if reverse else 1
             sources = []
             rank = 0
-            for m in (mem, *imms):
-                if len(m):
-                    sources.append(m.scan(lower, upper, seq, sign * rank, reverse))
+            for m in mems:
+                sources.append(m.scan(lower, upper, seq, sign * rank, reverse))
                 rank += 1
-            hi = None if upper is None else upper
-            for f in version.overlapping(0, lower, hi):
+            for f in version.overlapping(0, lower, upper):
                 snap = None if f.largest_seq <= seq else seq
                 sources.append(f.reader.scan(lower, upper, snap, sign * rank, reverse))
                 rank += 1
             for level in range(1, len(version.levels)):
-                files = version.overlapping(level, lower, hi)
-                if files:
-                    sources.append(_level_scan(files, lower, upper, seq, sign * rank, reverse))
+                if version.levels[level]:
+                    sources.append(_level_scan(version.levels[level], version.largests[level],
+                                               lower, upper, seq, sign * rank, reverse))
                 rank += 1
             if len(sources) == 1:
                 for key, _, value in sources[0]:
@@ -896,8 +902,26 @@ class DB:
                 pass
 
 
-def _level_scan(files: list[FileMeta], lower: bytes | None, upper: bytes | None, seq: int,
-                rank: int, reverse: bool) -> Iterator[tuple[bytes, int, bytes | None]]:
-    for f in reversed(files) if reverse else files:
-        snap = None if f.largest_seq <= seq else seq
-        yield from f.reader.scan(lower, upper, snap, rank, reverse)
+def _level_scan(files: list[FileMeta], largests: list[bytes], lower: bytes | None,
+                upper: bytes | None, seq: int, rank: int,
+                reverse: bool) -> Iterator[tuple[bytes, int, bytes | None]]:
+    """Scan one sorted, non-overlapping level, opening only the files in range."""
+    if not reverse:
+        i = _bisect(largests, lower) if lower is not None else 0
+        while i < len(files):
+            f = files[i]
+            if upper is not None and f.smallest >= upper:
+                return
+            yield from f.reader.scan(lower, upper, None if f.largest_seq <= seq else seq,
+                                     rank, False)
+            i += 1
+        return
+    i = min(_bisect(largests, upper), len(files) - 1) if upper is not None else len(files) - 1
+    while i >= 0:
+        f = files[i]
+        if lower is not None and f.largest < lower:
+            return
+        if upper is None or f.smallest < upper:
+            yield from f.reader.scan(lower, upper, None if f.largest_seq <= seq else seq,
+                                     rank, True)
+        i -= 1

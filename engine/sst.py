@@ -44,6 +44,8 @@ FOOTER_SIZE = FOOTER.size  # 64
 TRAILER_SIZE = 5
 HANDLE = struct.Struct("<QI")
 U32 = struct.Struct("<I")
+_TRAILER = struct.Struct("<BI")
+_KIND_BYTES = [bytes((i,)) for i in range(256)]
 
 KIND_DELETE = 0
 KIND_PUT = 1
@@ -354,18 +356,19 @@ class TableReader:
 
     def _read(self, off: int, size: int) -> bytes:
         """Read and verify the block at ``off``; return its uncompressed contents."""
-        raw = self._mm[off:off + size + TRAILER_SIZE]
-        if len(raw) != size + TRAILER_SIZE:
+        mm = self._mm
+        end = off + size
+        if end + TRAILER_SIZE > self.size:
             raise Corruption(self.path, off, "block runs past the end of the file")
-        (crc,) = U32.unpack_from(raw, size + 1)
-        if crc32(memoryview(raw)[:size + 1]) != crc:
+        data = mm[off:end]
+        kind, crc = _TRAILER.unpack_from(mm, end)
+        if crc32(_KIND_BYTES[kind], crc32(data)) != crc:
             raise Corruption(self.path, off, "block checksum mismatch")
-        kind = raw[size]
         if kind == COMPRESSION_NONE:
-            return raw[:size]
+            return data
         if kind == COMPRESSION_ZLIB:
             try:
-                return zlib.decompress(memoryview(raw)[:size])
+                return zlib.decompress(data)
             except zlib.error:
                 raise Corruption(self.path, off, "block does not decompress") from None
         raise Corruption(self.path, off, f"unknown block compression {kind}")
