@@ -835,8 +835,8 @@ class DB:
             if size != f.size:
                 raise Corruption(path, None, "table size differs from the MANIFEST")
             reader.verify()
-            if reader.num_blocks:
-                first = reader.block(0)[0][0]
+            first = reader.first_key()
+            if first is not None:
                 if first < f.smallest or reader.index_keys[-1] > f.largest:
                     raise Corruption(path, None, f"keys outside the MANIFEST's range (level {level})")
 

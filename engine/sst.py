@@ -91,11 +91,12 @@ U64 = struct.Struct("<Q")
 U32X2 = struct.Struct("<II")
 
 
-def open_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], bytes, int, int, int]:
-    """Check a block's layout and split out its keys.
+def open_block(data: bytes, path: str, offset: int) -> tuple[bytes, int, tuple[int, ...], int, int]:
+    """Check a block's layout; return ``(data, n, key_offsets, value_offsets_at, tags_at)``.
 
-    Returns ``(keys, data, n, value_offsets_at, tags_at)``; tags and value offsets
-    stay packed in ``data`` until an entry is used, which keeps cached blocks small.
+    Keys are sliced out only when visited (``block_key``, ``block_seek``), and tags
+    and value offsets stay packed in ``data`` until an entry is used: a cache miss
+    costs a checksum and one unpack, and cached blocks stay small.
     """
     size = len(data)
     if size < 8:
@@ -110,21 +111,37 @@ def open_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], bytes,
     vn, = U32.unpack_from(data, voff + 4 * n)
     if ko[0] != 0 or ko[n] != v0 or vn != base:
         raise Corruption(path, offset, "block offsets inconsistent")
-    keys = [data[s:e] for s, e in zip(ko, ko[1:], strict=False)]
-    return keys, data, n, voff, voff + 4 * (n + 1)
+    return data, n, ko, voff, voff + 4 * (n + 1)
 
 
-def block_arrays(view: tuple[list[bytes], bytes, int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+BlockView = tuple[bytes, int, tuple[int, ...], int, int]
+
+
+def block_seek(view: BlockView, key: bytes) -> int:
+    """Index of the first entry whose key is ``>= key`` (binary search on the bytes)."""
+    data, n, ko = view[0], view[1], view[2]
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if data[ko[mid]:ko[mid + 1]] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def block_arrays(view: BlockView) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(tags, value_offsets)`` of a block from ``open_block``."""
-    _, data, n, voff, toff = view
+    data, n, _, voff, toff = view
     return _array(n, "Q").unpack_from(data, toff), _array(n + 1, "I").unpack_from(data, voff)
 
 
 def decode_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], tuple[int, ...], tuple[int, ...], bytes]:
     """Decode block contents into ``(keys, tags, value_offsets, data)``."""
     view = open_block(data, path, offset)
+    ko = view[2]
     tags, vo = block_arrays(view)
-    return view[0], tags, vo, data
+    return [data[s:e] for s, e in zip(ko, ko[1:], strict=False)], tags, vo, data
 
 
 class TableBuilder:
@@ -373,7 +390,7 @@ class TableReader:
                 raise Corruption(self.path, off, "block does not decompress") from None
         raise Corruption(self.path, off, f"unknown block compression {kind}")
 
-    def block(self, i: int) -> tuple[list[bytes], bytes, int, int, int]:
+    def block(self, i: int) -> BlockView:
         """Data block ``i`` as ``open_block`` returns it, through the block cache."""
         cache = self.cache
         if cache is not None:
@@ -383,8 +400,8 @@ class TableReader:
         off, size = self.handles[i]
         blk = open_block(self._read(off, size), self.path, off)
         if cache is not None:
-            # The block's bytes plus about 60 bytes per key object and list slot.
-            cache.insert(self._cache_base + i, blk, len(blk[1]) + 60 * blk[2] + 150)
+            # The block's bytes plus its key-offset tuple of small ints.
+            cache.insert(self._cache_base + i, blk, len(blk[0]) + 40 * blk[1] + 200)
         return blk
 
     def get(self, key: bytes, h: int, snap: int | None) -> object:
@@ -398,9 +415,16 @@ class TableReader:
         i = bisect_left(index_keys, key)
         n = self.num_blocks
         while i < n:
-            keys, data, m, voff, toff = self.block(i)
-            j = bisect_left(keys, key)
-            while j < m and keys[j] == key:
+            data, m, ko, voff, toff = self.block(i)
+            lo, hi = 0, m
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if data[ko[mid]:ko[mid + 1]] < key:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            j = lo
+            while j < m and data[ko[j]:ko[j + 1]] == key:
                 (tag,) = U64.unpack_from(data, toff + 8 * j)
                 if snap is None or tag >> 8 <= snap:
                     if tag & 0xFF == KIND_PUT:
@@ -425,13 +449,13 @@ class TableReader:
         first = True
         while bi < n:
             view = self.block(bi)
-            keys, data = view[0], view[1]
+            data, m, ko = view[0], view[1], view[2]
             tags, vo = block_arrays(view)
-            start = bisect_left(keys, lower) if first and lower is not None else 0
+            start = block_seek(view, lower) if first and lower is not None else 0
             first = False
-            bounded = upper is not None and keys[-1] >= upper
-            for j in range(start, len(keys)):
-                k = keys[j]
+            bounded = upper is not None and data[ko[m - 1]:ko[m]] >= upper
+            for j in range(start, m):
+                k = data[ko[j]:ko[j + 1]]
                 if k == prev:
                     continue
                 if bounded and k >= upper:
@@ -455,10 +479,10 @@ class TableReader:
         have = False
         while bi >= 0:
             view = self.block(bi)
-            keys, data = view[0], view[1]
+            data, m, ko = view[0], view[1], view[2]
             tags, vo = block_arrays(view)
-            for j in range(len(keys) - 1, -1, -1):
-                k = keys[j]
+            for j in range(m - 1, -1, -1):
+                k = data[ko[j]:ko[j + 1]]
                 if upper is not None and k >= upper:
                     continue
                 if lower is not None and k < lower:
@@ -511,6 +535,12 @@ class TableReader:
         if count != self.properties.get("num_entries", count):
             raise Corruption(self.path, None, "entry count differs from properties")
         return count
+
+    def first_key(self) -> bytes | None:
+        if not self.num_blocks:
+            return None
+        data, _, ko, _, _ = self.block(0)
+        return data[ko[0]:ko[1]]
 
     def close(self) -> None:
         try:
