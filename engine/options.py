@@ -30,6 +30,7 @@ class Options:
     block_cache_size: int = 32 << 20
     bloom_bits_per_key: int = 10
     compression: str = "none"
+    # Check the level invariants (ordering, overlaps, epochs) when opening.
     paranoid_checks: bool = True
     max_background_compactions: int = 1
     # Build tables in forked child processes so the foreground keeps the interpreter.
