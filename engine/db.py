@@ -60,6 +60,7 @@ from .wal import (
 )
 
 _FILE_RE = re.compile(r"^(\d+)\.(sst|log)$|^MANIFEST-(\d+)$|^.*\.dbtmp$|^compaction-.*\.tmp$")
+_NUMBER_RE = re.compile(r"^(\d+)\.[a-z]+$|^MANIFEST-(\d+)$")
 _NO_SNAPSHOT = -1
 # Compaction children run below flushes and the foreground on a shared machine.
 COMPACTION_NICENESS = 10
@@ -231,8 +232,17 @@ class DB:
             check_version(vs.current, self._file(f"MANIFEST-{vs.manifest_number:06d}"),
                           vs.next_epoch, vs.next_file_number)
 
+        # A recovery that crashed may have left files numbered past the MANIFEST's
+        # counter (a MANIFEST CURRENT never named, tables, logs); never reuse them.
+        names = os.listdir(self.path)
+        for name in names:
+            m = _NUMBER_RE.match(name)
+            if m:
+                number = int(m.group(1) or m.group(2))
+                vs.next_file_number = max(vs.next_file_number, number + 1)
+
         # Replay every WAL the MANIFEST does not cover, oldest first.
-        logs = sorted(int(m.group(1)) for m in map(_FILE_RE.match, os.listdir(self.path))
+        logs = sorted(int(m.group(1)) for m in map(_FILE_RE.match, names)
                       if m and m.group(2) == "log")
         edit = VersionEdit()
         max_seq = vs.last_sequence

@@ -47,11 +47,15 @@ def frame(payload: bytes) -> bytes:
 
 
 class LogWriter:
-    """Appends records to a log file; buffered until ``flush`` or ``sync``."""
+    """Writes records to a new log file; buffered until ``flush`` or ``sync``.
+
+    The file is created empty (truncating any leftover of a crashed run): a log is
+    never continued, so no record can follow another process's torn tail.
+    """
 
     def __init__(self, path: str, buffer_size: int = 1 << 16) -> None:
         self.path = path
-        self._file = open(path, "ab", buffering=buffer_size)  # noqa: SIM115
+        self._file = open(path, "wb", buffering=buffer_size)  # noqa: SIM115
         # Bound method kept for the hot write path.
         self.write = self._file.write
 

@@ -391,3 +391,28 @@ def test_background_error_stops_writes(tmp_path):
     finally:
         db._bg_error = None
         db.close()
+
+
+def test_recovery_never_reuses_numbers_of_a_crashed_recovery(tmp_path, opts):
+    """A recovery killed after writing its MANIFEST but before renaming CURRENT leaves
+    that MANIFEST behind; the next recovery must not reuse its number (and append)."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    db = DB.open(a, opts)
+    for i in range(300):
+        db.put(b"k%04d" % i, b"v" * 50)
+    db.flush()
+    for i in range(300):
+        db.put(b"k%04d" % i, b"w" * 50, sync=True)
+    crash_copy(a, b)  # the state a crash leaves, before any recovery
+    crash_copy(a, c)
+    db.close()
+    DB.open(c, opts).close()  # a whole recovery of the same state
+    leftovers = [n for n in set(os.listdir(c)) - set(os.listdir(b)) if n.startswith("MANIFEST-")]
+    assert leftovers
+    for name in leftovers:  # b now looks like a recovery killed before its CURRENT rename
+        shutil.copy(c / name, b / name)
+    with DB.open(b, opts) as db2:
+        db2.compact_range()
+    with DB.open(b, opts) as db2:
+        db2.check()
+        assert all(db2.get(b"k%04d" % i) == b"w" * 50 for i in range(300))
