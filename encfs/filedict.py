@@ -88,17 +88,18 @@ class Pending:
     def happened(self, root: Path) -> bool:
         """Did the rename this intent describes reach the tree under ``root``?
 
-        RULE_SRC_GONE (plain rename): it happened iff ``src`` no longer exists.
-        RULE_SRC_REPLACED (exchange): both names exist before and after, so it
-        happened iff ``src`` is no longer the inode it was when the intent was made.
+        It did iff ``src`` is no longer the inode it was when the intent was made:
+        gone (a plain rename), or another inode (an exchange, where both names exist
+        before and after, or a name made anew after a plain rename). The original
+        inode lives on under its new name, so its number cannot have been reused.
+        The rule (RULE_SRC_GONE or RULE_SRC_REPLACED) records which kind of rename
+        it was; the test is the same.
         """
         try:
             st = os.lstat(os.path.join(bytes(root), self.src))
         except FileNotFoundError:
             return True
-        if self.rule == RULE_SRC_REPLACED:
-            return st.st_ino != self.src_ino
-        return False
+        return st.st_ino != self.src_ino
 
 
 @dataclass

@@ -90,4 +90,5 @@ def test_truncate_durable_before_the_fresh_iv(traced):
 def test_rename_intent_then_rename_then_durable_rename_then_commit(traced, src, dst, flags, dirs):
     vault, log = traced
     vault.rename(src, dst, flags)
-    assert log == ["log.write", "log.sync", "rename", *["dir.fsync"] * dirs, "log.write", "log.sync"]
+    # the COMMIT is not synced: an intent without it resolves by the tree alike
+    assert log == ["log.write", "log.sync", "rename", *["dir.fsync"] * dirs, "log.write"]

@@ -221,12 +221,17 @@ def test_recovery_resolves_intents_by_the_tree(tmp_path, source, vault):
     put(vault, b"dst2", b"D2")
     e = vault.files.entries
     # two intents as a crash would leave them: one rename happened, one did not
-    vault.files.begin(RULE_SRC_GONE, b"src1", 0, [("del", b"src1"), ("del", b"dst1"), ("put", b"dst1", e[b"src1"])])
-    vault.files.begin(RULE_SRC_GONE, b"src2", 0, [("del", b"src2"), ("del", b"dst2"), ("put", b"dst2", e[b"src2"])])
+    ino = {n: os.lstat(vault.root / n).st_ino for n in ("src1", "src2", "dst2")}
+    vault.files.begin(RULE_SRC_GONE, b"src1", ino["src1"],
+                      [("del", b"src1"), ("del", b"dst1"), ("put", b"dst1", e[b"src1"])])
+    vault.files.begin(RULE_SRC_GONE, b"src2", ino["src2"],
+                      [("del", b"src2"), ("del", b"dst2"), ("put", b"dst2", e[b"src2"])])
+    vault.files.begin(RULE_SRC_GONE, b"src3", 12345, [("del", b"nothing")])
     os.rename(vault.root / "src1", vault.root / "dst1")
+    os.mkdir(vault.root / "src1")  # a name made anew after the rename: still happened
     vault.close()
     with Vault.open(tmp_path / "vault", source, mode="check") as v:
-        assert v.recovery.committed == [b"src1"] and v.recovery.aborted == [b"src2"]
+        assert v.recovery.committed == [b"src1", b"src3"] and v.recovery.aborted == [b"src2"]
         assert v.files.pending  # check mode writes nothing
     with Vault.open(tmp_path / "vault", source) as v:
         assert not v.files.pending
