@@ -10,18 +10,39 @@ job's error re-raised (``Corruption`` keeps its file and offset).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
+import signal
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 from .errors import BackgroundError, Corruption
 
+PR_SET_PDEATHSIG = 1
 
-def _child_main(fn: Callable[..., Any], args: tuple, wfd: int, niceness: int) -> None:
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this child when the parent dies (Linux prctl).
+
+    A child outliving a killed parent could still be writing a table whose number
+    the next opener's recovery hands out again.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _child_main(fn: Callable[..., Any], args: tuple, wfd: int, niceness: int,
+                parent: int) -> None:
     status = 0
     try:
+        _die_with_parent(parent)
         try:
             if niceness:
                 os.nice(niceness)
@@ -53,10 +74,11 @@ def run_job(fn: Callable[..., Any], *args: Any, isolated: bool = True, niceness:
     if not isolated:
         return fn(*args)
     rfd, wfd = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _child_main(fn, args, wfd, niceness)
+        _child_main(fn, args, wfd, niceness, parent)
     os.close(wfd)
     chunks = []
     try:

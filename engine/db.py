@@ -274,6 +274,7 @@ class DB:
         self._wal = LogWriter(self._file(log_name(log_number)))
         self._wal_write = self._wal.write
         self._wal_dir_synced = False
+        self._unsynced_logs: list[str] = []
         self._publish(vs.current)
         self._delete_obsolete_files(recovering=True)
         opts.write_file(self.path)
@@ -416,7 +417,18 @@ class DB:
                 self._make_room()
 
     def _sync_wal(self) -> None:
-        """Make the WAL durable; the first time for a new log, its directory entry too."""
+        """Make every write so far durable: earlier logs left unsynced at a memtable
+        switch, this log, and the first time for a new log its directory entry."""
+        while self._unsynced_logs:
+            path = self._unsynced_logs.pop()
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # flushed to a table and deleted: already durable
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
         self._wal.sync()
         if not self._wal_dir_synced:
             sync_dir(self.path)
@@ -451,6 +463,7 @@ class DB:
         number = self._vs.new_file_number()
         wal = LogWriter(self._file(log_name(number)))
         self._wal.close()
+        self._unsynced_logs.append(self._wal.path)
         self._wal = wal
         self._wal_write = wal.write
         self._wal_dir_synced = False
