@@ -25,6 +25,7 @@ import threading
 import time
 from bisect import bisect_left as _bisect
 from collections.abc import Iterator
+from heapq import heapify, heappop, heapreplace
 from zlib import crc32
 
 from .background import run_job
@@ -35,7 +36,7 @@ from .compaction import Compaction, CompactionPicker, compaction_job, flush_job
 from .errors import BackgroundError, Corruption, DBClosed, EngineError, InvalidArgument, LockError
 from .memtable import ABSENT, ENTRY_OVERHEAD, MemTable
 from .options import Options
-from .sst import MISS, TableReader
+from .sst import MISS, TableReader, scan_tables
 from .version import (
     FileMeta,
     Version,
@@ -556,25 +557,24 @@ class DB:
                 rank += 1
             for f in version.overlapping(0, lower, upper):
                 snap = None if f.largest_seq <= seq else seq
-                sources.append(f.reader.scan(lower, upper, snap, sign * rank, reverse))
+                sources.append(scan_tables(((f.reader, snap),), lower, upper, sign * rank, reverse))
                 rank += 1
             for level in range(1, len(version.levels)):
                 if version.levels[level]:
-                    sources.append(_level_scan(version.levels[level], version.largests[level],
-                                               lower, upper, seq, sign * rank, reverse))
+                    tables = _level_tables(version.levels[level], version.largests[level],
+                                           lower, upper, seq, reverse)
+                    sources.append(scan_tables(tables, lower, upper, sign * rank, reverse))
                 rank += 1
-            if len(sources) == 1:
-                for key, _, value in sources[0]:
+            if reverse:
+                last = None
+                for key, _, value in heapq.merge(*sources, reverse=True):
+                    if key == last:
+                        continue
+                    last = key
                     if value is not None:
                         yield key, value
-                return
-            last = None
-            for key, _, value in heapq.merge(*sources, reverse=reverse):
-                if key == last:
-                    continue
-                last = key
-                if value is not None:
-                    yield key, value
+            else:
+                yield from _merge_forward(sources)
         finally:
             if own is not None:
                 own.release()
@@ -936,18 +936,18 @@ class DB:
                 pass
 
 
-def _level_scan(files: list[FileMeta], largests: list[bytes], lower: bytes | None,
-                upper: bytes | None, seq: int, rank: int,
-                reverse: bool) -> Iterator[tuple[bytes, int, bytes | None]]:
-    """Scan one sorted, non-overlapping level, opening only the files in range."""
+def _level_tables(files: list[FileMeta], largests: list[bytes], lower: bytes | None,
+                  upper: bytes | None, seq: int,
+                  reverse: bool) -> Iterator[tuple[TableReader, int | None]]:
+    """The tables of one sorted, non-overlapping level that meet ``[lower, upper)``,
+    in scan order, each with the snapshot to read it at; found lazily."""
     if not reverse:
         i = _bisect(largests, lower) if lower is not None else 0
         while i < len(files):
             f = files[i]
             if upper is not None and f.smallest >= upper:
                 return
-            yield from f.reader.scan(lower, upper, None if f.largest_seq <= seq else seq,
-                                     rank, False)
+            yield f.reader, None if f.largest_seq <= seq else seq
             i += 1
         return
     i = min(_bisect(largests, upper), len(files) - 1) if upper is not None else len(files) - 1
@@ -956,6 +956,42 @@ def _level_scan(files: list[FileMeta], largests: list[bytes], lower: bytes | Non
         if lower is not None and f.largest < lower:
             return
         if upper is None or f.smallest < upper:
-            yield from f.reader.scan(lower, upper, None if f.largest_seq <= seq else seq,
-                                     rank, True)
+            yield f.reader, None if f.largest_seq <= seq else seq
         i -= 1
+
+
+def _merge_forward(sources: list[Iterator[tuple[bytes, int, bytes | None]]]) -> Iterator[tuple[bytes, bytes]]:
+    """Merge sources yielding ``(key, rank, value)`` in key order; for a key the lowest
+    rank (newest source) wins and a None value (a deletion) hides the key."""
+    heap = []
+    for src in sources:
+        nxt = src.__next__
+        try:
+            key, rank, value = nxt()
+        except StopIteration:
+            continue
+        heap.append([key, rank, value, nxt])
+    heapify(heap)
+    last = None
+    while len(heap) > 1:
+        top = heap[0]
+        key = top[0]
+        if key != last:
+            last = key
+            if top[2] is not None:
+                yield key, top[2]
+        try:
+            top[0], _, top[2] = top[3]()
+        except StopIteration:
+            heappop(heap)
+            continue
+        heapreplace(heap, top)
+    if heap:
+        key, _, value, nxt = heap[0]
+        while True:
+            if key != last and value is not None:
+                yield key, value
+            try:
+                key, _, value = nxt()
+            except StopIteration:
+                return

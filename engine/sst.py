@@ -27,7 +27,7 @@ import os
 import struct
 import zlib
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from itertools import accumulate
 from operator import add
@@ -440,68 +440,7 @@ class TableReader:
     def scan(self, lower: bytes | None, upper: bytes | None, snap: int | None, rank: int,
              reverse: bool = False) -> Iterator[tuple[bytes, int, bytes | None]]:
         """Yield ``(key, rank, value)``: per key in range the newest version visible."""
-        if reverse:
-            yield from self._scan_reverse(lower, upper, snap, rank)
-            return
-        n = self.num_blocks
-        bi = bisect_left(self.index_keys, lower) if lower is not None else 0
-        prev = None
-        first = True
-        while bi < n:
-            view = self.block(bi)
-            data, m, ko = view[0], view[1], view[2]
-            tags, vo = block_arrays(view)
-            start = block_seek(view, lower) if first and lower is not None else 0
-            first = False
-            bounded = upper is not None and data[ko[m - 1]:ko[m]] >= upper
-            for j in range(start, m):
-                k = data[ko[j]:ko[j + 1]]
-                if k == prev:
-                    continue
-                if bounded and k >= upper:
-                    return
-                tag = tags[j]
-                if snap is not None and tag >> 8 > snap:
-                    continue
-                prev = k
-                if tag & 0xFF:
-                    yield k, rank, data[vo[j]:vo[j + 1]]
-                else:
-                    yield k, rank, None
-            bi += 1
-
-    def _scan_reverse(self, lower: bytes | None, upper: bytes | None, snap: int | None,
-                      rank: int) -> Iterator[tuple[bytes, int, bytes | None]]:
-        bi = bisect_left(self.index_keys, upper) if upper is not None else self.num_blocks - 1
-        bi = min(bi, self.num_blocks - 1)
-        pend_key = None
-        pend_val = None
-        have = False
-        while bi >= 0:
-            view = self.block(bi)
-            data, m, ko = view[0], view[1], view[2]
-            tags, vo = block_arrays(view)
-            for j in range(m - 1, -1, -1):
-                k = data[ko[j]:ko[j + 1]]
-                if upper is not None and k >= upper:
-                    continue
-                if lower is not None and k < lower:
-                    if have:
-                        yield pend_key, rank, pend_val
-                    return
-                if k != pend_key:
-                    if have:
-                        yield pend_key, rank, pend_val
-                    pend_key = k
-                    have = False
-                tag = tags[j]
-                if snap is None or tag >> 8 <= snap:
-                    # Walking backwards, later hits for the same key are newer versions.
-                    have = True
-                    pend_val = data[vo[j]:vo[j + 1]] if tag & 0xFF else None
-            bi -= 1
-        if have:
-            yield pend_key, rank, pend_val
+        return scan_tables(((self, snap),), lower, upper, rank, reverse)
 
     def blocks(self) -> Iterator[tuple[list[bytes], list[int], list[bytes]]]:
         """Every data block as ``(keys, tags, values)``, bypassing the block cache."""
@@ -547,3 +486,83 @@ class TableReader:
             self._mm.close()
         except (BufferError, ValueError):
             pass
+
+
+def scan_tables(tables: Iterable[tuple[TableReader, int | None]], lower: bytes | None,
+                upper: bytes | None, rank: int,
+                reverse: bool = False) -> Iterator[tuple[bytes, int, bytes | None]]:
+    """Scan a sorted run of tables (one table, or the files of a level in key order,
+    descending when ``reverse``); each comes with the snapshot to read it at (None:
+    every version is visible). Yields ``(key, rank, value)``, value None for a
+    deletion, one item per key: the newest visible version. One generator for the
+    whole run keeps the per-item cost to a single resumption.
+    """
+    if reverse:
+        return _scan_tables_reverse(tables, lower, upper, rank)
+    return _scan_tables_forward(tables, lower, upper, rank)
+
+
+def _scan_tables_forward(tables: Iterable[tuple[TableReader, int | None]], lower: bytes | None,
+                         upper: bytes | None, rank: int) -> Iterator[tuple[bytes, int, bytes | None]]:
+    prev = None
+    for reader, snap in tables:
+        n = reader.num_blocks
+        bi = bisect_left(reader.index_keys, lower) if lower is not None else 0
+        first = True
+        while bi < n:
+            view = reader.block(bi)
+            data, m, ko = view[0], view[1], view[2]
+            tags, vo = block_arrays(view)
+            start = block_seek(view, lower) if first and lower is not None else 0
+            first = False
+            bounded = upper is not None and data[ko[m - 1]:ko[m]] >= upper
+            for j in range(start, m):
+                k = data[ko[j]:ko[j + 1]]
+                if k == prev:
+                    continue
+                if bounded and k >= upper:  # type: ignore[operator]
+                    return
+                tag = tags[j]
+                if snap is not None and tag >> 8 > snap:
+                    continue
+                prev = k
+                if tag & 0xFF:
+                    yield k, rank, data[vo[j]:vo[j + 1]]
+                else:
+                    yield k, rank, None
+            bi += 1
+
+
+def _scan_tables_reverse(tables: Iterable[tuple[TableReader, int | None]], lower: bytes | None,
+                         upper: bytes | None, rank: int) -> Iterator[tuple[bytes, int, bytes | None]]:
+    pend_key = None
+    pend_val = None
+    have = False
+    for reader, snap in tables:
+        last = reader.num_blocks - 1
+        bi = min(bisect_left(reader.index_keys, upper), last) if upper is not None else last
+        while bi >= 0:
+            view = reader.block(bi)
+            data, m, ko = view[0], view[1], view[2]
+            tags, vo = block_arrays(view)
+            for j in range(m - 1, -1, -1):
+                k = data[ko[j]:ko[j + 1]]
+                if upper is not None and k >= upper:
+                    continue
+                if lower is not None and k < lower:
+                    if have:
+                        yield pend_key, rank, pend_val  # type: ignore[misc]
+                    return
+                if k != pend_key:
+                    if have:
+                        yield pend_key, rank, pend_val  # type: ignore[misc]
+                    pend_key = k
+                    have = False
+                tag = tags[j]
+                if snap is None or tag >> 8 <= snap:
+                    # Walking backwards, later hits for the same key are newer versions.
+                    have = True
+                    pend_val = data[vo[j]:vo[j + 1]] if tag & 0xFF else None
+            bi -= 1
+    if have:
+        yield pend_key, rank, pend_val  # type: ignore[misc]
