@@ -40,6 +40,7 @@ log = logging.getLogger("tdefs.daemon")
 FSTYPE = "fuse.tdefs"
 READY = b"ready\n"
 UNMOUNT_WAIT_S = 30.0
+READAHEAD_KIB = 512
 
 
 class MountError(TdefsError):
@@ -184,7 +185,10 @@ class _Daemon:
         self.req = req
         self.vault = vault
         self.started = time.time()
-        self.fs = VaultFS(vault, on_ready=on_ready, writeback_cache=req.writeback_cache)
+        self._on_ready = on_ready
+        self._initialized = trio.Event()
+        self.fs = VaultFS(vault, on_ready=self._initialized.set,
+                          writeback_cache=req.writeback_cache)
         self.control = control.ControlServer(str(req.mountpoint), {
             "status": self._status,
             "keys.list": self._keys_list,
@@ -195,9 +199,18 @@ class _Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.control.serve)
             nursery.start_soon(self._watch_signals)
+            nursery.start_soon(self._after_init)
             await pyfuse3.main()
             log.info("unmounted %s", self.req.mountpoint)
             nursery.cancel_scope.cancel()
+
+    async def _after_init(self) -> None:
+        """Once the kernel has our answer to its INIT, tune the mount and say "ready"."""
+        await self._initialized.wait()
+        await trio.sleep(0)  # the INIT reply went out in the same step as init()
+        _set_readahead(self.req.mountpoint)  # INIT resets the readahead window
+        if self._on_ready is not None:
+            self._on_ready()
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -259,6 +272,25 @@ def serve(req: MountRequest, on_ready: Any = None) -> None:
     finally:
         vault.close()
         log.info("vault %s closed", req.backing)
+
+
+def _set_readahead(mountpoint: Path) -> None:
+    """Raise the mount's readahead from the kernel's 128 KiB to READAHEAD_KIB.
+
+    Measured here on cold sequential reads: 512 KiB requests halve the daemon's CPU
+    per MiB against 128 KiB (fewer requests and thread hops) and read about 1.5x as
+    fast; 1 MiB requests cost more again (large buffers). Best effort: needs root."""
+    # never stat the mountpoint (realpath does) here: the loop that would answer is
+    # not running yet; `mountpoint` is already a real path
+    target = str(mountpoint)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            devices = [line.split()[2] for line in f if _unescape(line.split()[4]) == target]
+        if devices:
+            with open(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb", "w") as f:
+                f.write(str(READAHEAD_KIB))
+    except OSError as exc:
+        log.info("readahead left at the kernel's default: %s", exc)
 
 
 # ------------------------------------------------------------------ daemonizing

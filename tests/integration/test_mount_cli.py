@@ -118,6 +118,10 @@ def test_status_and_umount_errors(v: VaultPaths) -> None:
         pid = daemons_for(v.mountpoint)[0].pid
         assert f"pid:            {pid}" in out
         assert str(v.backing) in out and "aes-256-ctr" in out
+        dev = os.stat(v.mountpoint).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        if os.geteuid() == 0 and bdi.exists():
+            assert bdi.read_text().strip() == "512"  # raised after the FUSE handshake
         with open(v.mountpoint / "held", "wb"):
             proc = run_tdefs("umount", v.mountpoint, check=False)
             assert "busy" in one_line_error(proc)
