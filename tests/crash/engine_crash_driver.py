@@ -70,8 +70,11 @@ def main(argv: list[str]) -> int:
 
     db_dir, ack_path, first = argv[0], argv[1], int(argv[2])
     ack = os.open(ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # The parent times its kill from these lines: "opening" to hit recovery, "ready" for
+    # everything after it.
+    sys.stdout.write("opening\n")
+    sys.stdout.flush()
     db = DB.open(db_dir, Options(create_if_missing=True, **ENGINE_OPTIONS))
-    # The parent starts its random kill delay once it reads this line.
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     chores = random.Random(first)
