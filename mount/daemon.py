@@ -216,7 +216,10 @@ class _Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("%s: unmounting", signal.Signals(signum).name)
-                await trio.to_thread.run_sync(self._unmount_self)
+                try:
+                    await trio.to_thread.run_sync(self._unmount_self)
+                except Exception:
+                    log.exception("unmounting on %s failed", signal.Signals(signum).name)
 
     def _unmount_self(self) -> None:
         mnt = self.req.mountpoint
@@ -343,24 +346,29 @@ def _daemon_child(req: MountRequest, report_fd: int) -> None:
         _detach_stdio(req.log_file)
         _setup_logging(req.log_file, foreground=False)
 
-        def ready() -> None:
+        def report(message: bytes) -> None:
             nonlocal report_fd
-            if report_fd >= 0:
-                os.write(report_fd, READY)
-                os.close(report_fd)
-                report_fd = -1
+            if report_fd < 0:
+                return
+            try:
+                os.write(report_fd, message)
+            except OSError:
+                pass  # `tdefs mount` was killed while waiting: nobody to tell
+            os.close(report_fd)
+            report_fd = -1
+
+        def ready() -> None:
+            report(READY)
 
         try:
             serve(req, on_ready=ready)
             code = 0
         except TdefsError as exc:
             log.error("%s", exc)
-            if report_fd >= 0:
-                os.write(report_fd, f"error: {exc}\n".encode())
+            report(f"error: {exc}\n".encode())
         except BaseException as exc:
             log.exception("the daemon failed")
-            if report_fd >= 0:
-                os.write(report_fd, f"error: unexpected {type(exc).__name__}: {exc}\n".encode())
+            report(f"error: unexpected {type(exc).__name__}: {exc}\n".encode())
     finally:
         logging.shutdown()
         os._exit(code)
