@@ -521,7 +521,12 @@ def child_main(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ parent
 
 
-def tree_rss(pid: int) -> int:
+def tree_memory(pid: int) -> int:
+    """Memory of a process and all its descendants, as the sum of their PSS.
+
+    PSS splits each shared page among the processes mapping it, so a forked helper that
+    shares most of its parent's pages copy-on-write is not counted twice (RSS would).
+    """
     import psutil
 
     try:
@@ -532,6 +537,8 @@ def tree_rss(pid: int) -> int:
     total = 0
     for p in procs:
         try:
+            total += p.memory_full_info().pss
+        except (psutil.AccessDenied, AttributeError):
             total += p.memory_info().rss
         except psutil.NoSuchProcess:
             pass
@@ -541,8 +548,8 @@ def tree_rss(pid: int) -> int:
 def run_child(name: str, args: argparse.Namespace, result_file: Path) -> dict:
     """One engine in a fresh interpreter; returns its results plus peak RSS and wall time.
 
-    Peak RSS is the larger of the child's own ru_maxrss and the sampled sum over the child
-    and any processes it starts, so work moved to helper processes is still counted.
+    Peak memory is the larger of the child's own ru_maxrss and the sampled PSS sum over
+    the child and any processes it starts, so work moved to helper processes is counted.
     """
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--child", name,
@@ -558,7 +565,7 @@ def run_child(name: str, args: argparse.Namespace, result_file: Path) -> dict:
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_rss(proc.pid))
+            peak = max(peak, tree_memory(proc.pid))
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
