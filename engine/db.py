@@ -63,6 +63,8 @@ from .wal import (
 _FILE_RE = re.compile(r"^(\d+)\.(sst|log)$|^MANIFEST-(\d+)$|^.*\.dbtmp$|^compaction-.*\.tmp$")
 _NUMBER_RE = re.compile(r"^(\d+)\.[a-z]+$|^MANIFEST-(\d+)$")
 _NO_SNAPSHOT = -1
+# How far past write_buffer_size the active memtable may grow while flushes run.
+MEMTABLE_OVERRUN = 1.5
 # Compaction children run below flushes and the foreground on a shared machine.
 COMPACTION_NICENESS = 10
 
@@ -442,7 +444,13 @@ class DB:
             time.sleep(0.001)
 
     def _make_room(self, force: bool = False) -> None:
-        """Switch to a new memtable, waiting while flushes or level 0 are behind."""
+        """Switch to a new memtable, waiting while flushes or level 0 are behind.
+
+        While every immutable slot is still being flushed, the active memtable may
+        run past its budget up to ``MEMTABLE_OVERRUN`` times it before writers wait:
+        a flush that takes a little longer than filling a memtable then costs
+        memory, not a write stall.
+        """
         opts = self.options
         while force or self._mem.size >= opts.write_buffer_size:
             if self._bg_error is not None:
@@ -450,6 +458,8 @@ class DB:
             if self._closed:
                 raise DBClosed(f"{self.path}: database is closed")
             if len(self._imms) >= opts.max_write_buffer_number - 1:
+                if not force and self._mem.size < opts.write_buffer_size * MEMTABLE_OVERRUN:
+                    return
                 self.stats["stall_waits"] += 1
                 self._cond.wait(1.0)
                 continue
