@@ -416,3 +416,29 @@ def test_recovery_never_reuses_numbers_of_a_crashed_recovery(tmp_path, opts):
     with DB.open(b, opts) as db2:
         db2.check()
         assert all(db2.get(b"k%04d" % i) == b"w" * 50 for i in range(300))
+
+
+def test_corruption_found_by_a_forked_compaction_names_the_file(tmp_path):
+    opts = small_options(background_processes=True, level0_file_num_compaction_trigger=100)
+    path = tmp_path / "db"
+    with DB.open(path, opts) as db:
+        for i in range(400):
+            db.put(b"k%04d" % i, b"v" * 40)
+        db.flush()
+        for i in range(0, 400, 2):
+            db.put(b"k%04d" % i, b"w" * 40)
+        db.flush()
+    name = _table_files(path)[0]
+    data = bytearray((path / name).read_bytes())
+    data[200] ^= 0x04  # a data block; open only checks footer, index and filter
+    (path / name).write_bytes(bytes(data))
+    db = DB.open(path, opts)
+    try:
+        with pytest.raises(Corruption) as info:
+            db.compact_range()
+        assert name in str(info.value) and info.value.offset is not None
+        with pytest.raises(BackgroundError):
+            db.put(b"x", b"y")
+    finally:
+        db._bg_error = None
+        db.close()
