@@ -48,6 +48,19 @@ SEEK_NEXTS = 10
 STALL_SECONDS = 0.010
 VALUE_POOL = 10007
 
+# What lsmdb should reach on this machine relative to RocksDB in the same run (ops/s).
+TARGET_RATIOS = {
+    "fillseq": 0.5,
+    "fillrandom": 0.5,
+    "fillbatch": 0.5,
+    "overwrite": 0.5,
+    "readrandom": 0.5,
+    "seekrandom": 0.5,
+    "readseq": 1 / 3,
+    "fillsync": 0.8,
+}
+RSS_TARGET = 1 << 30
+
 # Exit status of a child whose engine module is not installed: a skip, not a failure.
 EXIT_SKIP = 3
 
@@ -644,6 +657,26 @@ def print_tables(engines: list[str], runs: dict[str, dict]) -> None:
     print(f"{'peak RSS':12}" + "".join(f"{fmt_bytes(runs[e]['rss']):>{col}}" for e in ok))
     print(f"{'disk size':12}" + "".join(f"{fmt_bytes(runs[e]['disk']):>{col}}" for e in ok))
     print(f"{'wall time':12}" + "".join(f"{runs[e]['wall']:>{col - 2}.1f} s" for e in ok))
+    print_targets(runs)
+
+
+def print_targets(runs: dict[str, dict]) -> None:
+    """The lsmdb targets of this machine, each marked met or MISSED (exit status unaffected)."""
+    ours = runs.get("lsmdb", {}).get("results")
+    base = runs.get(BASELINE, {}).get("results")
+    if not ours or not base:
+        return
+    print()
+    print("lsmdb targets (ratio of ops/s to RocksDB in this run)")
+    for w, want in TARGET_RATIOS.items():
+        if w not in ours or w not in base or not ours[w]["seconds"] or not base[w]["seconds"]:
+            continue
+        ratio = (ours[w]["ops"] / ours[w]["seconds"]) / (base[w]["ops"] / base[w]["seconds"])
+        verdict = "met" if ratio >= want else "MISSED"
+        print(f"{w:12} {ratio:6.2f}x   target >= {want:.2f}x   {verdict}")
+    rss = runs["lsmdb"]["rss"]
+    verdict = "met" if rss < RSS_TARGET else "MISSED"
+    print(f"{'peak RSS':12} {fmt_bytes(rss):>9}   target < {fmt_bytes(RSS_TARGET)}   {verdict}")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
