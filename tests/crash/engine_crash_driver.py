@@ -1,6 +1,7 @@
 """The writer that tests/crash/test_engine_crash.py kills with SIGKILL.
 
-Run as `python engine_crash_driver.py DB_DIR ACK_FILE FIRST_BATCH_ID`. It writes numbered
+Run as `python engine_crash_driver.py DB_DIR ACK_FILE FIRST_BATCH_ID FORKED` (FORKED 1:
+tables are built in forked children, 0: in background threads of this process). It writes numbered
 WriteBatches for ever; the content of batch N is a pure function of N (`batch_ops`), so
 the checker can rebuild the exact state that any prefix of the batches produces. After
 each acknowledged write it appends "N SYNC\\n" to ACK_FILE (outside the DB directory), and
@@ -68,13 +69,14 @@ def apply_batch(state: dict[bytes, bytes], batch_id: int) -> None:
 def main(argv: list[str]) -> int:
     from engine import DB, Options, WriteBatch
 
-    db_dir, ack_path, first = argv[0], argv[1], int(argv[2])
+    db_dir, ack_path, first, forked = argv[0], argv[1], int(argv[2]), argv[3] == "1"
     ack = os.open(ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     # The parent times its kill from these lines: "opening" to hit recovery, "ready" for
     # everything after it.
     sys.stdout.write("opening\n")
     sys.stdout.flush()
-    db = DB.open(db_dir, Options(create_if_missing=True, **ENGINE_OPTIONS))
+    db = DB.open(db_dir, Options(create_if_missing=True, background_processes=forked,
+                                 **ENGINE_OPTIONS))
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     chores = random.Random(first)

@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
-ROUNDS = 30
+ROUNDS = 22
 DRIVER = Path(__file__).with_name("engine_crash_driver.py")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,12 +85,13 @@ class Round:
         self.orphans: list[psutil.Process] = []
 
 
-def run_round(db_dir: Path, ack_path: Path, first: int, rng: random.Random) -> Round:
+def run_round(db_dir: Path, ack_path: Path, first: int, forked: bool,
+              rng: random.Random) -> Round:
     """Start the writer and SIGKILL it: inside DB.open (recovery), while a forked flush or
     compaction child is building a table, or at a random moment of its writing."""
     result = Round()
     proc = subprocess.Popen(
-        [sys.executable, str(DRIVER), str(db_dir), str(ack_path), str(first)],
+        [sys.executable, str(DRIVER), str(db_dir), str(ack_path), str(first), str(int(forked))],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO,
@@ -149,27 +151,27 @@ def reap(orphans: list[psutil.Process]) -> None:
         p.kill()
 
 
-def test_sigkill_loop_keeps_synced_batches_whole(tmp_path: Path) -> None:
+@pytest.mark.parametrize("forked", [True, False], ids=["forked-builders", "threads-only"])
+def test_sigkill_loop_keeps_synced_batches_whole(tmp_path: Path, forked: bool) -> None:
     from engine import Options
 
     db_dir = tmp_path / "db"
     ack_path = tmp_path / "acked"  # outside the DB directory on purpose
     # A fixed seed keeps the suite repeatable; set ENGINE_CRASH_SEED to explore others.
     rng = random.Random(int(os.environ.get("ENGINE_CRASH_SEED", "4")))
-    options = Options(create_if_missing=True, **driver.ENGINE_OPTIONS)
+    options = Options(create_if_missing=True, background_processes=forked, **driver.ENGINE_OPTIONS)
     expected: dict[bytes, bytes] = {}
     recovered_batches = 0
     kills_during_open = 0
     lost_unsynced = 0
     kills_during_jobs = 0
     deepest_level = 0
-    deadline = time.monotonic() + 50
     orphans: list[psutil.Process] = []
 
     try:
         for round_no in range(ROUNDS):
             first = (round_no + 1) * 1_000_000
-            run = run_round(db_dir, ack_path, first, rng)
+            run = run_round(db_dir, ack_path, first, forked, rng)
             orphans += run.orphans
             assert run.code == -signal.SIGKILL, (
                 f"round {round_no}: writer exited {run.code} before the kill:\n{run.stderr}")
@@ -181,7 +183,6 @@ def test_sigkill_loop_keeps_synced_batches_whole(tmp_path: Path) -> None:
             deepest_level = max(deepest_level, deepest)
             recovered_batches += prefix
             lost_unsynced += acked - min(acked, prefix)
-            assert time.monotonic() < deadline, f"crash loop too slow: {round_no + 1} rounds in 50 s"
     finally:
         reap(orphans)
 
@@ -205,7 +206,8 @@ def test_sigkill_loop_keeps_synced_batches_whole(tmp_path: Path) -> None:
         f"{lost_unsynced} acknowledged unsynced batches lost"
     )
     assert recovered_batches > ROUNDS * 10, "the writer hardly wrote anything before the kills"
-    assert kills_during_jobs >= 3, "too few kills landed while a flush or compaction was running"
+    if forked:
+        assert kills_during_jobs >= 3, "too few kills landed while a table builder was running"
     assert kills_during_open >= 2, "too few kills landed inside DB.open"
     assert deepest_level >= 1, "compaction never moved data below L0"
 
