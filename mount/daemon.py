@@ -56,6 +56,7 @@ class MountRequest:
     allow_other: bool = False
     log_file: Path | None = None
     writeback_cache: bool = True
+    xattrs: bool = True
 
 
 # ------------------------------------------------------------------ mount table
@@ -188,7 +189,7 @@ class _Daemon:
         self._on_ready = on_ready
         self._initialized = trio.Event()
         self.fs = VaultFS(vault, on_ready=self._initialized.set,
-                          writeback_cache=req.writeback_cache)
+                          writeback_cache=req.writeback_cache, xattrs=req.xattrs)
         self.control = control.ControlServer(str(req.mountpoint), {
             "status": self._status,
             "keys.list": self._keys_list,
@@ -245,6 +246,7 @@ class _Daemon:
             "open_files": self.fs.open_files(),
             "inodes": len(self.fs.inodes),
             "writeback_cache": self.req.writeback_cache,
+            "xattrs": self.req.xattrs,
         }
 
     async def _keys_list(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -102,10 +102,14 @@ class VaultFS(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, vault: Vault, on_ready: Callable[[], None] | None = None,
-                 writeback_cache: bool = True) -> None:
+                 writeback_cache: bool = True, xattrs: bool = True) -> None:
         super().__init__()
         self.vault = vault
         self.enable_writeback_cache = writeback_cache
+        # Without xattrs every xattr request answers ENOSYS, which the kernel
+        # remembers for the mount: it then stops asking for security.capability
+        # before each write(2), so a write that hits the page cache costs no request.
+        self.xattrs = xattrs
         self._root = os.fsencode(os.path.abspath(vault.root))
         self._on_ready = on_ready
         self.inodes = InodeTable(os.lstat(self._root).st_ino)
@@ -591,6 +595,8 @@ class VaultFS(pyfuse3.Operations):
         return data
 
     def _xattr_call(self, inode: int, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self.xattrs:
+            raise _fail(errno.ENOSYS)
         node = self.inodes.get(inode)
         fd = node.any_fd()
         if fd is not None:
@@ -605,7 +611,7 @@ class VaultFS(pyfuse3.Operations):
 
     @_answer_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if name != _CAPABILITY:
+        if name != _CAPABILITY or not self.xattrs:
             return self._xattr_call(inode, os.getxattr, name)
         # asked before every write(2): answer from memory once the file is known to
         # have none (attributes change only through this daemon)

@@ -285,3 +285,19 @@ def test_write_drops_file_capabilities(d) -> None:
     with pytest.raises(OSError) as exc:
         os.getxattr(f, "security.capability")
     assert exc.value.errno == errno.ENODATA
+
+
+def test_no_xattrs_option(tmp_path) -> None:
+    v = make_vault(tmp_path)
+    with mounted_at(v, extra=("--no-xattrs",)):
+        f = v.mountpoint / "f"
+        f.write_bytes(b"contents")
+        for attempt in (lambda: os.setxattr(f, "user.a", b"1"),
+                        lambda: os.getxattr(f, "user.a"),
+                        lambda: os.listxattr(f)):
+            with pytest.raises(OSError) as exc:
+                attempt()
+            assert exc.value.errno == errno.EOPNOTSUPP
+        with open(f, "ab") as h:
+            h.write(b" and more")
+        assert f.read_bytes() == b"contents and more"
