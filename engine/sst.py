@@ -54,6 +54,8 @@ KIND_RANGE_DELETE = 2
 COMPRESSION_NONE = 0
 COMPRESSION_ZLIB = 1
 COMPRESSIONS = {"none": COMPRESSION_NONE, "zlib": COMPRESSION_ZLIB}
+# Cached blocks are unpacked on reuse only while the cache is this full or less.
+PROMOTE_BELOW = 0.9
 
 
 
@@ -91,12 +93,14 @@ U64 = struct.Struct("<Q")
 U32X2 = struct.Struct("<II")
 
 
-def open_block(data: bytes, path: str, offset: int) -> tuple[bytes, int, tuple[int, ...], int, int]:
-    """Check a block's layout; return ``(data, n, key_offsets, value_offsets_at, tags_at)``.
+def open_block(data: bytes, path: str, offset: int) -> list:
+    """Check a block's layout; return its view
+    ``[data, n, key_offsets, value_offsets_at, tags_at, keys, tags, value_offsets]``.
 
-    Keys are sliced out only when visited (``block_key``, ``block_seek``), and tags
-    and value offsets stay packed in ``data`` until an entry is used: a cache miss
-    costs a checksum and one unpack, and cached blocks stay small.
+    A fresh view leaves keys, tags and value offsets packed in ``data`` (the last
+    three items None): a block read once costs a checksum and one unpack, and
+    entries are sliced out only when visited. ``promote`` unpacks them for a block
+    that is read again.
     """
     size = len(data)
     if size < 8:
@@ -111,14 +115,24 @@ def open_block(data: bytes, path: str, offset: int) -> tuple[bytes, int, tuple[i
     vn, = U32.unpack_from(data, voff + 4 * n)
     if ko[0] != 0 or ko[n] != v0 or vn != base:
         raise Corruption(path, offset, "block offsets inconsistent")
-    return data, n, ko, voff, voff + 4 * (n + 1)
+    return [data, n, ko, voff, voff + 4 * (n + 1), None, None, None]
 
 
-BlockView = tuple[bytes, int, tuple[int, ...], int, int]
+BlockView = list
+
+
+def promote(view: BlockView) -> None:
+    """Unpack keys, tags and value offsets into the view (readers test keys last)."""
+    data, ko = view[0], view[2]
+    view[6], view[7] = block_arrays(view)
+    view[5] = [data[s:e] for s, e in zip(ko, ko[1:], strict=False)]
 
 
 def block_seek(view: BlockView, key: bytes) -> int:
-    """Index of the first entry whose key is ``>= key`` (binary search on the bytes)."""
+    """Index of the first entry whose key is ``>= key``."""
+    keys = view[5]
+    if keys is not None:
+        return bisect_left(keys, key)
     data, n, ko = view[0], view[1], view[2]
     lo, hi = 0, n
     while lo < hi:
@@ -132,7 +146,9 @@ def block_seek(view: BlockView, key: bytes) -> int:
 
 def block_arrays(view: BlockView) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(tags, value_offsets)`` of a block from ``open_block``."""
-    data, n, _, voff, toff = view
+    if view[5] is not None:
+        return view[6], view[7]
+    data, n, _, voff, toff = view[:5]
     return _array(n, "Q").unpack_from(data, toff), _array(n + 1, "I").unpack_from(data, voff)
 
 
@@ -396,6 +412,11 @@ class TableReader:
         if cache is not None:
             blk = cache.get(self._cache_base + i)
             if blk is not None:
+                if blk[5] is None and cache.usage < cache.capacity * PROMOTE_BELOW:
+                    # Read again while the cache has room: the working set fits,
+                    # so unpacking for fast searches pays off.
+                    promote(blk)
+                    cache.insert(self._cache_base + i, blk, len(blk[0]) + 160 * blk[1] + 300)
                 return blk
         off, size = self.handles[i]
         blk = open_block(self._read(off, size), self.path, off)
@@ -415,7 +436,22 @@ class TableReader:
         i = bisect_left(index_keys, key)
         n = self.num_blocks
         while i < n:
-            data, m, ko, voff, toff = self.block(i)
+            blk = self.block(i)
+            data, m, ko, voff, toff, keys = blk[:6]
+            if keys is not None:
+                j = bisect_left(keys, key)
+                tags, vo = blk[6], blk[7]
+                while j < m and keys[j] == key:
+                    tag = tags[j]
+                    if snap is None or tag >> 8 <= snap:
+                        if tag & 0xFF == KIND_PUT:
+                            return data[vo[j]:vo[j + 1]]
+                        return None
+                    j += 1
+                if j < m:
+                    return MISS
+                i += 1
+                continue
             lo, hi = 0, m
             while lo < hi:
                 mid = (lo + hi) >> 1
@@ -478,8 +514,8 @@ class TableReader:
     def first_key(self) -> bytes | None:
         if not self.num_blocks:
             return None
-        data, _, ko, _, _ = self.block(0)
-        return data[ko[0]:ko[1]]
+        view = self.block(0)
+        return view[0][view[2][0]:view[2][1]]
 
     def close(self) -> None:
         try:
@@ -511,13 +547,13 @@ def _scan_tables_forward(tables: Iterable[tuple[TableReader, int | None]], lower
         first = True
         while bi < n:
             view = reader.block(bi)
-            data, m, ko = view[0], view[1], view[2]
+            data, m, ko, keys = view[0], view[1], view[2], view[5]
             tags, vo = block_arrays(view)
             start = block_seek(view, lower) if first and lower is not None else 0
             first = False
             bounded = upper is not None and data[ko[m - 1]:ko[m]] >= upper
             for j in range(start, m):
-                k = data[ko[j]:ko[j + 1]]
+                k = keys[j] if keys is not None else data[ko[j]:ko[j + 1]]
                 if k == prev:
                     continue
                 if bounded and k >= upper:  # type: ignore[operator]
@@ -543,10 +579,10 @@ def _scan_tables_reverse(tables: Iterable[tuple[TableReader, int | None]], lower
         bi = min(bisect_left(reader.index_keys, upper), last) if upper is not None else last
         while bi >= 0:
             view = reader.block(bi)
-            data, m, ko = view[0], view[1], view[2]
+            data, m, ko, keys = view[0], view[1], view[2], view[5]
             tags, vo = block_arrays(view)
             for j in range(m - 1, -1, -1):
-                k = data[ko[j]:ko[j + 1]]
+                k = keys[j] if keys is not None else data[ko[j]:ko[j + 1]]
                 if upper is not None and k >= upper:
                     continue
                 if lower is not None and k < lower:
