@@ -551,43 +551,30 @@ class DB:
             else:
                 seq = self._seq
                 own = self._register_snapshot(seq) if mems else None
-        return self._iterate(mems, version, lower, upper, reverse, seq, own)
-
-    def _iterate(self, mems: list[MemTable], version: Version,
-                 lower: bytes | None, upper: bytes | None, reverse: bool, seq: int,
-                 own: Snapshot | None) -> Iterator[tuple[bytes, bytes]]:
-        try:
-            if lower is not None and upper is not None and lower >= upper:
-                return
-            sign = -1 if reverse else 1
-            sources = []
-            rank = 0
-            for m in mems:
-                sources.append(m.scan(lower, upper, seq, sign * rank, reverse))
-                rank += 1
-            for f in version.overlapping(0, lower, upper):
-                snap = None if f.largest_seq <= seq else seq
-                sources.append(scan_tables(((f.reader, snap),), lower, upper, sign * rank, reverse))
-                rank += 1
-            for level in range(1, len(version.levels)):
-                if version.levels[level]:
-                    tables = _level_tables(version.levels[level], version.largests[level],
-                                           lower, upper, seq, reverse)
-                    sources.append(scan_tables(tables, lower, upper, sign * rank, reverse))
-                rank += 1
-            if reverse:
-                last = None
-                for key, _, value in heapq.merge(*sources, reverse=True):
-                    if key == last:
-                        continue
-                    last = key
-                    if value is not None:
-                        yield key, value
-            else:
-                yield from _merge_forward(sources)
-        finally:
+        if lower is not None and upper is not None and lower >= upper:
             if own is not None:
                 own.release()
+            return iter(())
+        sign = -1 if reverse else 1
+        sources = []
+        rank = 0
+        for m in mems:
+            sources.append(m.scan(lower, upper, seq, sign * rank, reverse))
+            rank += 1
+        for f in version.overlapping(0, lower, upper):
+            snap = None if f.largest_seq <= seq else seq
+            sources.append(scan_tables(((f.reader, snap),), lower, upper, sign * rank, reverse))
+            rank += 1
+        for level in range(1, len(version.levels)):
+            if version.levels[level]:
+                tables = _level_tables(version.levels[level], version.largests[level],
+                                       lower, upper, seq, reverse)
+                sources.append(scan_tables(tables, lower, upper, sign * rank, reverse))
+            rank += 1
+        merged = _merge_reverse(sources) if reverse else _merge_forward(sources)
+        # The sources read tables and memtables lazily; the version they pinned
+        # keeps the tables readable. A registered snapshot lives as long as they do.
+        return merged if own is None else _releasing(merged, own)
 
     # ------------------------------------------------------------ snapshots
 
@@ -968,6 +955,24 @@ def _level_tables(files: list[FileMeta], largests: list[bytes], lower: bytes | N
         if upper is None or f.smallest < upper:
             yield f.reader, None if f.largest_seq <= seq else seq
         i -= 1
+
+
+def _releasing(items: Iterator[tuple[bytes, bytes]], snapshot: Snapshot) -> Iterator[tuple[bytes, bytes]]:
+    try:
+        yield from items
+    finally:
+        snapshot.release()
+
+
+def _merge_reverse(sources: list[Iterator[tuple[bytes, int, bytes | None]]]) -> Iterator[tuple[bytes, bytes]]:
+    """Like ``_merge_forward`` for sources in descending key order (ranks negated)."""
+    last = None
+    for key, _, value in heapq.merge(*sources, reverse=True):
+        if key == last:
+            continue
+        last = key
+        if value is not None:
+            yield key, value
 
 
 def _merge_forward(sources: list[Iterator[tuple[bytes, int, bytes | None]]]) -> Iterator[tuple[bytes, bytes]]:
