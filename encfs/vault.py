@@ -211,6 +211,8 @@ class Vault:
             except BlockingIOError:
                 raise VaultError(f"vault {root} is in use by another process (is it mounted?)") from None
             keys = KeyStore.open(meta / KEYS_DICT, source, vault=str(root))
+            if not (meta / FILES_DICT).is_file():
+                raise VaultError(f"vault {root}: {meta / FILES_DICT} is missing")
             files = FileDictionary.open(meta / FILES_DICT, keys.derive(MAC_KEY_LABEL),
                                         salvage=mode == "repair", read_only=mode == "check",
                                         **tuning)

@@ -343,3 +343,12 @@ def test_lookups_wait_for_a_rename_in_flight(vault, monkeypatch):
     threads[0].join(5)
     assert blocked == [True]
     assert seen == [new_cipher]
+
+
+def test_missing_metadata_files_are_vault_errors(tmp_path, source):
+    for name in ("files.dict", "keys.dict"):
+        backing = tmp_path / name
+        Vault.create(backing, source).close()
+        (backing / META_DIR / name).unlink()
+        with pytest.raises(VaultError, match="missing"):
+            Vault.open(backing, source)
