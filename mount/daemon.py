@@ -41,6 +41,7 @@ FSTYPE = "fuse.tdefs"
 READY = b"ready\n"
 UNMOUNT_WAIT_S = 30.0
 READAHEAD_KIB = 512
+DIRTY_MAX_RATIO = 10
 
 
 class MountError(TdefsError):
@@ -209,7 +210,7 @@ class _Daemon:
         """Once the kernel has our answer to its INIT, tune the mount and say "ready"."""
         await self._initialized.wait()
         await trio.sleep(0)  # the INIT reply went out in the same step as init()
-        _set_readahead(self.req.mountpoint)  # INIT resets the readahead window
+        _tune_bdi(self.req.mountpoint)  # after INIT, which resets the readahead
         if self._on_ready is not None:
             self._on_ready()
 
@@ -279,23 +280,29 @@ def serve(req: MountRequest, on_ready: Any = None) -> None:
         log.info("vault %s closed", req.backing)
 
 
-def _set_readahead(mountpoint: Path) -> None:
-    """Raise the mount's readahead from the kernel's 128 KiB to READAHEAD_KIB.
+def _tune_bdi(mountpoint: Path) -> None:
+    """Tune the kernel's per-mount writeback and readahead (best effort: needs root).
 
-    Measured here on cold sequential reads: 512 KiB requests halve the daemon's CPU
-    per MiB against 128 KiB (fewer requests and thread hops) and read about 1.5x as
-    fast; 1 MiB requests cost more again (large buffers). Best effort: needs root."""
+    Measured here, interleaved against an untuned mount of the same code:
+    - readahead 512 KiB instead of 128 KiB: cold sequential reads use half the
+      daemon's CPU per MiB (fewer requests and thread hops) and run about 1.5x as
+      fast; 1 MiB requests cost more again (large buffers);
+    - max_ratio 10 instead of FUSE's 1 (percent of the dirty-page limit this mount
+      may hold): sequential writes about 1.2-1.3x as fast, since writers are
+      throttled less often while the daemon drains the pages."""
     # never stat the mountpoint (realpath does) here: the loop that would answer is
     # not running yet; `mountpoint` is already a real path
     target = str(mountpoint)
     try:
         with open("/proc/self/mountinfo") as f:
             devices = [line.split()[2] for line in f if _unescape(line.split()[4]) == target]
-        if devices:
-            with open(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb", "w") as f:
-                f.write(str(READAHEAD_KIB))
+        if not devices:
+            return
+        bdi = Path("/sys/class/bdi") / devices[-1]
+        (bdi / "read_ahead_kb").write_text(str(READAHEAD_KIB))
+        (bdi / "max_ratio").write_text(str(DIRTY_MAX_RATIO))
     except OSError as exc:
-        log.info("readahead left at the kernel's default: %s", exc)
+        log.info("kernel defaults kept for readahead and dirty pages: %s", exc)
 
 
 # ------------------------------------------------------------------ daemonizing
