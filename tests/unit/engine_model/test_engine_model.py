@@ -4,9 +4,10 @@ Every operation of the public API runs on the DB and on a plain dict (plus a fro
 per live snapshot); every read compares the two. The options are tiny (2 KiB memtable
 and files, 8 KiB level base, multiplier 2) so that a few hundred writes already flush,
 compact L0 into L1 and push data down to L2 and beyond, with tombstones and
-snapshot-pinned versions crossing every level. After the machine has run, the test
-checks that files did reach L1 and L2 at some point, so a change that stops compaction
-from happening cannot make this test pass vacuously.
+snapshot-pinned versions crossing every level; half the examples build tables in forked
+children, half in threads, and both compressions are used. After the machine has run, the
+test checks that files reached L1 and L2 and that flushes, compactions and trivial moves
+all happened, so a change that stops compaction cannot make it pass vacuously.
 """
 
 from __future__ import annotations
