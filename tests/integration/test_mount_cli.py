@@ -233,3 +233,30 @@ def test_unexpected_exception_becomes_eio(tmp_path: Path, caplog) -> None:
     trio.run(attempt)
     assert "unlink exploded" in caplog.text and "cipher_for exploded" in caplog.text
     assert (tmp_path / "f").exists()
+
+
+class _Ctx:
+    def __init__(self, uid: int, gid: int) -> None:
+        self.uid, self.gid, self.pid = uid, gid, os.getpid()
+
+
+def test_access_checks_modes_like_the_kernel(tmp_path: Path) -> None:
+    vault = _BrokenVault()
+    vault.root = str(tmp_path)
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    os.chown(f, 1000, 1000)
+    os.chmod(f, 0o640)
+    fs = VaultFS(vault)  # type: ignore[arg-type]
+
+    async def check():
+        ino = (await fs.lookup(pyfuse3.ROOT_INODE, b"f", _Ctx(0, 0))).st_ino
+        assert await fs.access(ino, os.R_OK | os.W_OK, _Ctx(1000, 1000))
+        assert not await fs.access(ino, os.X_OK, _Ctx(1000, 1000))
+        assert await fs.access(ino, os.R_OK, _Ctx(2000, 1000))  # group
+        assert not await fs.access(ino, os.W_OK, _Ctx(2000, 1000))
+        assert not await fs.access(ino, os.R_OK, _Ctx(3000, 3000))  # other
+        assert await fs.access(ino, os.R_OK | os.W_OK, _Ctx(0, 0))  # root
+        assert not await fs.access(ino, os.X_OK, _Ctx(0, 0))  # no x bit at all
+
+    trio.run(check)

@@ -301,3 +301,12 @@ def test_no_xattrs_option(tmp_path) -> None:
         with open(f, "ab") as h:
             h.write(b" and more")
         assert f.read_bytes() == b"contents and more"
+
+
+def test_fsync_of_a_directory(d) -> None:
+    (d / "entry").write_bytes(b"x")
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
