@@ -30,6 +30,7 @@ from zlib import crc32
 
 from .background import run_job
 from .block_cache import BlockCache
+from .bloom import GOLDEN as BLOOM_GOLDEN
 from .bloom import masks as bloom_masks
 from .bloom import probes_for
 from .compaction import Compaction, CompactionPicker, compaction_job, flush_job
@@ -508,23 +509,32 @@ class DB:
                 found, value = imm.get(key, snap)
                 if found:
                     return value
+        # One hash serves every table's bloom filter (engine/bloom.py).
         h = crc32(key)
-        levels = version.levels
-        for f in levels[0]:
+        mi = ((h * BLOOM_GOLDEN) & 0xFFFFFFFF) >> 16
+        for f in version.levels[0]:
             if f.smallest <= key <= f.largest:
-                r = f.reader.get(key, h, snap)
+                r = f.reader
+                nw = r.bloom_nwords
+                if nw:
+                    m = r.bloom_masks[mi]
+                    if r.bloom_words[h % nw] & m != m:
+                        continue
+                r = r.lookup(key, snap)
                 if r is not MISS:
                     return r  # type: ignore[return-value]
-        largests = version.largests
-        for level in range(1, len(levels)):
-            files = levels[level]
-            if not files:
-                continue
-            i = _bisect(largests[level], key)
+        for files, largests in version.runs:
+            i = _bisect(largests, key)
             if i < len(files):
                 f = files[i]
                 if f.smallest <= key:
-                    r = f.reader.get(key, h, snap)
+                    r = f.reader
+                    nw = r.bloom_nwords
+                    if nw:
+                        m = r.bloom_masks[mi]
+                        if r.bloom_words[h % nw] & m != m:
+                            continue
+                    r = r.lookup(key, snap)
                     if r is not MISS:
                         return r  # type: ignore[return-value]
         return None

@@ -22,7 +22,7 @@ class Options:
     level0_file_num_compaction_trigger: int = 4
     level0_slowdown_writes_trigger: int = 20
     level0_stop_writes_trigger: int = 36
-    max_bytes_for_level_base: int = 64 << 20
+    max_bytes_for_level_base: int = 256 << 20
     max_bytes_for_level_multiplier: float = 10
     target_file_size_base: int = 8 << 20
     num_levels: int = 7

@@ -379,6 +379,10 @@ class TableReader:
             self.handles.append((off, sz))
         self.num_blocks = len(self.handles)
         self.bloom = BloomFilter(self._read(*handles[1]))
+        # The filter's parts, flat, for the probe the database inlines in its reads.
+        self.bloom_words = self.bloom.words
+        self.bloom_nwords = self.bloom.nwords
+        self.bloom_masks = self.bloom.masks
         rkeys, rtags, rvo, rdata = decode_block(self._read(*handles[2]), path, handles[2][0])
         self.range_tombstones = [
             (rkeys[i], rdata[rvo[i]:rvo[i + 1]], rtags[i] >> 8) for i in range(len(rkeys))]
@@ -432,6 +436,10 @@ class TableReader:
             m = bloom.masks[((h * GOLDEN) & 0xFFFFFFFF) >> 16]
             if bloom.words[h % bloom.nwords] & m != m:
                 return MISS
+        return self.lookup(key, snap)
+
+    def lookup(self, key: bytes, snap: int | None) -> object:
+        """``get`` without the bloom filter (for callers that already asked it)."""
         index_keys = self.index_keys
         i = bisect_left(index_keys, key)
         n = self.num_blocks

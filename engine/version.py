@@ -73,11 +73,14 @@ def _l0_order(f: FileMeta) -> tuple[int, int]:
 class Version:
     """One immutable table set. ``largests[L]`` lists the largest keys of level L."""
 
-    __slots__ = ("levels", "largests")
+    __slots__ = ("levels", "largests", "runs")
 
     def __init__(self, levels: list[list[FileMeta]]) -> None:
         self.levels = levels
         self.largests = [[f.largest for f in files] for files in levels]
+        # (files, largest keys) of the non-empty levels >= 1, for point reads.
+        self.runs = [(files, self.largests[level]) for level, files in enumerate(levels)
+                     if level and files]
 
     def files(self) -> list[tuple[int, FileMeta]]:
         return [(level, f) for level, files in enumerate(self.levels) for f in files]
