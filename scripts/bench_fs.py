@@ -241,6 +241,8 @@ class TdefsTarget(FuseTarget):
     name = "tdefs"
     program = None  # a Python process; its exact command line is the daemon's business
 
+    extra_mount_args: tuple[str, ...] = ()
+
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.key_file = root / "master.key"
@@ -253,7 +255,8 @@ class TdefsTarget(FuseTarget):
 
     def mount(self) -> None:
         run([*TDEFS, "mount", str(self.backing), str(self.mountpoint),
-             "--key-file", str(self.key_file), "--log", str(self.log)], env=self.env)
+             "--key-file", str(self.key_file), "--log", str(self.log),
+             *self.extra_mount_args], env=self.env)
         if not is_mounted(self.mountpoint):
             raise BenchError(f"tdefs mount returned, but {self.mountpoint} is not mounted")
 
@@ -660,6 +663,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated targets among raw,tdefs (default: raw,tdefs)")
     parser.add_argument("--peers", default="",
                         help="other encrypting filesystems to compare with: gocryptfs")
+    parser.add_argument("--mount-option", action="append", default=[], metavar="OPT",
+                        help="pass OPT to `tdefs mount` (repeatable), e.g. --mount-option=--no-xattrs")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run every workload N times and keep the best figure (default 1)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
@@ -715,13 +720,16 @@ def started_targets(root: Path, names: list[str]) -> Iterator[dict[str, Target]]
 
 def bench(args: argparse.Namespace) -> int:
     sizes = sizes_for(args)
+    TdefsTarget.extra_mount_args = tuple(args.mount_option)
     base = args.dir if args.dir is not None else default_base_dir()
     base.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="tdefs-bench-", dir=base))
     print(f"bench_fs: work dir {root} ({filesystem_type(root)}), targets "
           f"{', '.join(args.targets)}, workloads {', '.join(args.only)}, "
           f"sequential {sizes.seq_bytes / MiB:.0f} MiB"
-          + (f", best of {args.repeat}" if args.repeat > 1 else ""), flush=True)
+          + (f", best of {args.repeat}" if args.repeat > 1 else "")
+          + (f", tdefs mount {' '.join(args.mount_option)}" if args.mount_option else ""),
+          flush=True)
     if not drop_page_cache():
         print("bench_fs: cannot drop the page cache (not root): cold reads only remount",
               flush=True)
