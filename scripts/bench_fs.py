@@ -100,7 +100,8 @@ def drop_page_cache() -> bool:
 
 
 def is_mounted(mountpoint: Path) -> bool:
-    target = os.path.realpath(mountpoint)
+    # resolve the parent only: a stat of a mount whose daemon died fails or hangs
+    target = os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name)
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == target for line in f)
 
@@ -227,13 +228,13 @@ class FuseTarget(Target):
         return processes_for(self.mountpoint, self.program)
 
     def stop(self) -> None:
-        if self.mountpoint.exists() and is_mounted(self.mountpoint):
+        if is_mounted(self.mountpoint):
             with contextlib.suppress(BenchError, subprocess.TimeoutExpired, OSError):
                 self.unmount()
-        if self.mountpoint.exists() and is_mounted(self.mountpoint):
+        if is_mounted(self.mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
         stop_processes(self.daemons())
-        if self.mountpoint.exists() and is_mounted(self.mountpoint):
+        if is_mounted(self.mountpoint):
             subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
 
 
