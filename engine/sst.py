@@ -93,29 +93,38 @@ U64 = struct.Struct("<Q")
 U32X2 = struct.Struct("<II")
 
 
-def open_block(data: bytes, path: str, offset: int) -> list:
-    """Check a block's layout; return its view
-    ``[data, n, key_offsets, value_offsets_at, tags_at, keys, tags, value_offsets]``.
+def open_block(buf: bytes | mmap.mmap, base: int, size: int, path: str, offset: int) -> list:
+    """Check the layout of the block stored at ``buf[base:base + size]`` and return its
+    view ``[buf, n, key_offsets_at, value_offsets_at, tags_at, keys, tags,
+    value_offsets, base]``; the ``*_at`` positions are absolute in ``buf``.
 
-    A fresh view leaves keys, tags and value offsets packed in ``data`` (the last
-    three items None): a block read once costs a checksum and one unpack, and
-    entries are sliced out only when visited. ``promote`` unpacks them for a block
-    that is read again.
+    ``buf`` is the table's mmap for a stored block, so a view copies nothing and
+    holds a few ints: the block cache keeps many of them, and a cached block is not
+    checksummed again. Entries are sliced out only when visited; ``promote`` unpacks
+    keys, tags and value offsets (None until then) for a block that is read again.
     """
-    size = len(data)
     if size < 8:
         raise Corruption(path, offset, "block too short")
-    (n,) = U32.unpack_from(data, size - 4)
-    base = size - 4 - 8 * n - 8 * (n + 1)
-    if base < 0:
+    (n,) = U32.unpack_from(buf, base + size - 4)
+    rel = size - 4 - 8 * n - 8 * (n + 1)
+    if rel < 0:
         raise Corruption(path, offset, "block entry count out of range")
-    ko = _array(n + 1, "I").unpack_from(data, base)
-    voff = base + 4 * (n + 1)
-    v0, = U32.unpack_from(data, voff)
-    vn, = U32.unpack_from(data, voff + 4 * n)
-    if ko[0] != 0 or ko[n] != v0 or vn != base:
+    kstart = base + rel
+    voff = kstart + 4 * (n + 1)
+    k0, = U32.unpack_from(buf, kstart)
+    kn, = U32.unpack_from(buf, kstart + 4 * n)
+    v0, = U32.unpack_from(buf, voff)
+    vn, = U32.unpack_from(buf, voff + 4 * n)
+    if k0 != 0 or kn != v0 or vn != rel:
         raise Corruption(path, offset, "block offsets inconsistent")
-    return [data, n, ko, voff, voff + 4 * (n + 1), None, None, None]
+    return [buf, n, kstart, voff, voff + 4 * (n + 1), None, None, None, base]
+
+
+def key_offsets(view: list) -> tuple[int, ...]:
+    """The n + 1 key offsets of a block view, absolute in its buffer."""
+    buf, n, kstart, base = view[0], view[1], view[2], view[8]
+    ko = _array(n + 1, "I").unpack_from(buf, kstart)
+    return tuple(map(base.__add__, ko)) if base else ko
 
 
 BlockView = list
@@ -123,39 +132,49 @@ BlockView = list
 
 def promote(view: BlockView) -> None:
     """Unpack keys, tags and value offsets into the view (readers test keys last)."""
-    data, ko = view[0], view[2]
+    buf, ko = view[0], key_offsets(view)
     view[6], view[7] = block_arrays(view)
-    view[5] = [data[s:e] for s, e in zip(ko, ko[1:], strict=False)]
+    view[5] = [buf[s:e] for s, e in zip(ko, ko[1:], strict=False)]
 
 
-def block_seek(view: BlockView, key: bytes) -> int:
-    """Index of the first entry whose key is ``>= key``."""
+def block_seek(view: BlockView, key: bytes, ko: tuple[int, ...] | None) -> int:
+    """Index of the first entry whose key is ``>= key`` (``ko``: ``key_offsets``,
+    needed unless the view is promoted)."""
     keys = view[5]
     if keys is not None:
         return bisect_left(keys, key)
-    data, n, ko = view[0], view[1], view[2]
+    buf, n = view[0], view[1]
+    assert ko is not None
     lo, hi = 0, n
     while lo < hi:
         mid = (lo + hi) >> 1
-        if data[ko[mid]:ko[mid + 1]] < key:
+        if buf[ko[mid]:ko[mid + 1]] < key:
             lo = mid + 1
         else:
             hi = mid
     return lo
 
 
+def _key_at(buf: bytes | mmap.mmap, kstart: int, base: int, j: int) -> bytes:
+    s, e = U32X2.unpack_from(buf, kstart + 4 * j)
+    return buf[base + s:base + e]
+
+
 def block_arrays(view: BlockView) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(tags, value_offsets)`` of a block from ``open_block``."""
+    """``(tags, value_offsets)`` of a block view, offsets absolute in its buffer."""
     if view[5] is not None:
         return view[6], view[7]
-    data, n, _, voff, toff = view[:5]
-    return _array(n, "Q").unpack_from(data, toff), _array(n + 1, "I").unpack_from(data, voff)
+    buf, n, _, voff, toff, _, _, _, base = view
+    vo = _array(n + 1, "I").unpack_from(buf, voff)
+    if base:
+        vo = tuple(map(base.__add__, vo))
+    return _array(n, "Q").unpack_from(buf, toff), vo
 
 
 def decode_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], tuple[int, ...], tuple[int, ...], bytes]:
     """Decode block contents into ``(keys, tags, value_offsets, data)``."""
-    view = open_block(data, path, offset)
-    ko = view[2]
+    view = open_block(data, 0, len(data), path, offset)
+    ko = key_offsets(view)
     tags, vo = block_arrays(view)
     return [data[s:e] for s, e in zip(ko, ko[1:], strict=False)], tags, vo, data
 
@@ -393,21 +412,30 @@ class TableReader:
 
     def _read(self, off: int, size: int) -> bytes:
         """Read and verify the block at ``off``; return its uncompressed contents."""
+        buf, base = self._locate(off, size)
+        return buf[base:base + size] if buf is self._mm else buf  # type: ignore[return-value]
+
+    def _locate(self, off: int, size: int) -> tuple[bytes | mmap.mmap, int]:
+        """Verify the block at ``off``; return where its contents are: ``(mmap, off)``
+        for a stored block (nothing is copied), ``(bytes, 0)`` once decompressed."""
         mm = self._mm
         end = off + size
         if end + TRAILER_SIZE > self.size:
             raise Corruption(self.path, off, "block runs past the end of the file")
-        data = mm[off:end]
         kind, crc = _TRAILER.unpack_from(mm, end)
-        if crc32(_KIND_BYTES[kind], crc32(data)) != crc:
-            raise Corruption(self.path, off, "block checksum mismatch")
-        if kind == COMPRESSION_NONE:
-            return data
-        if kind == COMPRESSION_ZLIB:
-            try:
-                return zlib.decompress(data)
-            except zlib.error:
-                raise Corruption(self.path, off, "block does not decompress") from None
+        stored = memoryview(mm)[off:end]
+        try:
+            if crc32(_KIND_BYTES[kind], crc32(stored)) != crc:
+                raise Corruption(self.path, off, "block checksum mismatch")
+            if kind == COMPRESSION_NONE:
+                return mm, off
+            if kind == COMPRESSION_ZLIB:
+                try:
+                    return zlib.decompress(stored), 0
+                except zlib.error:
+                    raise Corruption(self.path, off, "block does not decompress") from None
+        finally:
+            stored.release()
         raise Corruption(self.path, off, f"unknown block compression {kind}")
 
     def block(self, i: int) -> BlockView:
@@ -420,14 +448,18 @@ class TableReader:
                     # Read again while the cache has room: the working set fits,
                     # so unpacking for fast searches pays off.
                     promote(blk)
-                    cache.insert(self._cache_base + i, blk, len(blk[0]) + 160 * blk[1] + 300)
+                    cache.insert(self._cache_base + i, blk, self._charge(blk) + 200 * blk[1])
                 return blk
         off, size = self.handles[i]
-        blk = open_block(self._read(off, size), self.path, off)
+        buf, base = self._locate(off, size)
+        blk = open_block(buf, base, size if buf is self._mm else len(buf), self.path, off)
         if cache is not None:
-            # The block's bytes plus its key-offset tuple of small ints.
-            cache.insert(self._cache_base + i, blk, len(blk[0]) + 40 * blk[1] + 200)
+            cache.insert(self._cache_base + i, blk, self._charge(blk))
         return blk
+
+    def _charge(self, blk: BlockView) -> int:
+        """Memory of a fresh view: a short list, and the bytes if decompressed."""
+        return (0 if blk[0] is self._mm else len(blk[0])) + 250
 
     def get(self, key: bytes, h: int, snap: int | None) -> object:
         """Newest version of ``key`` visible at ``snap``: bytes, None (deleted) or MISS."""
@@ -445,7 +477,8 @@ class TableReader:
         n = self.num_blocks
         while i < n:
             blk = self.block(i)
-            data, m, ko, voff, toff, keys = blk[:6]
+            data, m, kstart, voff, toff, keys = blk[:6]
+            base = blk[8]
             if keys is not None:
                 j = bisect_left(keys, key)
                 tags, vo = blk[6], blk[7]
@@ -463,17 +496,18 @@ class TableReader:
             lo, hi = 0, m
             while lo < hi:
                 mid = (lo + hi) >> 1
-                if data[ko[mid]:ko[mid + 1]] < key:
+                s, e = U32X2.unpack_from(data, kstart + 4 * mid)
+                if data[base + s:base + e] < key:
                     lo = mid + 1
                 else:
                     hi = mid
             j = lo
-            while j < m and data[ko[j]:ko[j + 1]] == key:
+            while j < m and _key_at(data, kstart, base, j) == key:
                 (tag,) = U64.unpack_from(data, toff + 8 * j)
                 if snap is None or tag >> 8 <= snap:
                     if tag & 0xFF == KIND_PUT:
                         s, e = U32X2.unpack_from(data, voff + 4 * j)
-                        return data[s:e]
+                        return data[base + s:base + e]
                     return None
                 j += 1
             if j < m:
@@ -523,7 +557,8 @@ class TableReader:
         if not self.num_blocks:
             return None
         view = self.block(0)
-        return view[0][view[2][0]:view[2][1]]
+        ko = key_offsets(view)
+        return view[0][ko[0]:ko[1]]
 
     def close(self) -> None:
         try:
@@ -555,13 +590,15 @@ def _scan_tables_forward(tables: Iterable[tuple[TableReader, int | None]], lower
         first = True
         while bi < n:
             view = reader.block(bi)
-            data, m, ko, keys = view[0], view[1], view[2], view[5]
+            data, m, keys = view[0], view[1], view[5]
+            ko = key_offsets(view) if keys is None else None
             tags, vo = block_arrays(view)
-            start = block_seek(view, lower) if first and lower is not None else 0
+            start = block_seek(view, lower, ko) if first and lower is not None else 0
             first = False
-            bounded = upper is not None and data[ko[m - 1]:ko[m]] >= upper
+            last = keys[-1] if keys is not None else data[ko[m - 1]:ko[m]]  # type: ignore[index]
+            bounded = upper is not None and last >= upper
             for j in range(start, m):
-                k = keys[j] if keys is not None else data[ko[j]:ko[j + 1]]
+                k = keys[j] if keys is not None else data[ko[j]:ko[j + 1]]  # type: ignore[index]
                 if k == prev:
                     continue
                 if bounded and k >= upper:  # type: ignore[operator]
@@ -587,10 +624,11 @@ def _scan_tables_reverse(tables: Iterable[tuple[TableReader, int | None]], lower
         bi = min(bisect_left(reader.index_keys, upper), last) if upper is not None else last
         while bi >= 0:
             view = reader.block(bi)
-            data, m, ko, keys = view[0], view[1], view[2], view[5]
+            data, m, keys = view[0], view[1], view[5]
+            ko = key_offsets(view) if keys is None else None
             tags, vo = block_arrays(view)
             for j in range(m - 1, -1, -1):
-                k = keys[j] if keys is not None else data[ko[j]:ko[j + 1]]
+                k = keys[j] if keys is not None else data[ko[j]:ko[j + 1]]  # type: ignore[index]
                 if upper is not None and k >= upper:
                     continue
                 if lower is not None and k < lower:
