@@ -1,12 +1,14 @@
 """The writer that tests/crash/test_engine_crash.py kills with SIGKILL.
 
 Run as `python engine_crash_driver.py DB_DIR ACK_FILE FIRST_BATCH_ID FORKED` (FORKED 1:
-tables are built in forked children, 0: in background threads of this process). It writes numbered
-WriteBatches for ever; the content of batch N is a pure function of N (`batch_ops`), so
+tables are built in forked children, 0: in background threads of this process). It
+writes numbered WriteBatches for ever; the content of batch N is a pure function of N (`batch_ops`), so
 the checker can rebuild the exact state that any prefix of the batches produces. After
 each acknowledged write it appends "N SYNC\\n" to ACK_FILE (outside the DB directory), and
 fsyncs that file when the write itself was synced: a line marked synced therefore proves
-the engine acknowledged a durable write of batch N.
+the engine acknowledged a durable write of batch N (and of every batch before it). Now
+and then it flushes, compacts, or closes and reopens the DB (after a clean close, the last
+batch is recorded as synced), so kills also land in those.
 
 Every batch puts a marker key for its own id plus a few data keys whose values carry the
 id, and sometimes deletes one data key: a batch that is only partly visible after
@@ -75,8 +77,8 @@ def main(argv: list[str]) -> int:
     # everything after it.
     sys.stdout.write("opening\n")
     sys.stdout.flush()
-    db = DB.open(db_dir, Options(create_if_missing=True, background_processes=forked,
-                                 **ENGINE_OPTIONS))
+    options = Options(create_if_missing=True, background_processes=forked, **ENGINE_OPTIONS)
+    db = DB.open(db_dir, options)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     chores = random.Random(first)
@@ -99,6 +101,12 @@ def main(argv: list[str]) -> int:
             db.flush()
         elif roll < 0.013:
             db.compact_range()
+        elif roll < 0.016:
+            # A clean close makes every batch so far durable: record the last one as synced.
+            db.close()
+            os.write(ack, b"%d 1\n" % (batch_id - 1))
+            os.fsync(ack)
+            db = DB.open(db_dir, options)
 
 
 if __name__ == "__main__":
