@@ -37,7 +37,7 @@ from .compaction import Compaction, CompactionPicker, compaction_job, flush_job
 from .errors import BackgroundError, Corruption, DBClosed, EngineError, InvalidArgument, LockError
 from .memtable import ABSENT, ENTRY_OVERHEAD, MemTable
 from .options import Options
-from .sst import MISS, TableReader, scan_tables
+from .sst import MISS, TableReader, scan_live, scan_tables
 from .version import (
     FileMeta,
     Version,
@@ -565,6 +565,10 @@ class DB:
             if own is not None:
                 own.release()
             return iter(())
+        if not reverse and not mems:
+            single = self._single_run(version, lower, upper, seq)
+            if single is not None:
+                return single
         sign = -1 if reverse else 1
         sources = []
         rank = 0
@@ -581,10 +585,32 @@ class DB:
                                        lower, upper, seq, reverse)
                 sources.append(scan_tables(tables, lower, upper, sign * rank, reverse))
             rank += 1
-        merged = _merge_reverse(sources) if reverse else _merge_forward(sources)
+        if len(sources) == 1:
+            merged = _live(sources[0])
+        else:
+            merged = _merge_reverse(sources) if reverse else _merge_forward(sources)
         # The sources read tables and memtables lazily; the version they pinned
         # keeps the tables readable. A registered snapshot lives as long as they do.
         return merged if own is None else _releasing(merged, own)
+
+    @staticmethod
+    def _single_run(version: Version, lower: bytes | None, upper: bytes | None,
+                    seq: int) -> Iterator[tuple[bytes, bytes]] | None:
+        """A forward scan straight over the tables when only one sorted run (one
+        level-0 table or one level) meets the range; None otherwise."""
+        l0 = version.overlapping(0, lower, upper)
+        runs = [level for level in range(1, len(version.levels)) if version.levels[level]]
+        if len(l0) + len(runs) != 1:
+            return None
+        if l0:
+            f = l0[0]
+            tables: Iterator[tuple[TableReader, int | None]] = iter(
+                ((f.reader, None if f.largest_seq <= seq else seq),))
+        else:
+            level = runs[0]
+            tables = _level_tables(version.levels[level], version.largests[level],
+                                   lower, upper, seq, False)
+        return scan_live(tables, lower, upper)
 
     # ------------------------------------------------------------ snapshots
 
@@ -972,6 +998,13 @@ def _releasing(items: Iterator[tuple[bytes, bytes]], snapshot: Snapshot) -> Iter
         yield from items
     finally:
         snapshot.release()
+
+
+def _live(source: Iterator[tuple[bytes, int, bytes | None]]) -> Iterator[tuple[bytes, bytes]]:
+    """The pairs of a single source, deletions left out."""
+    for key, _, value in source:
+        if value is not None:
+            yield key, value
 
 
 def _merge_reverse(sources: list[Iterator[tuple[bytes, int, bytes | None]]]) -> Iterator[tuple[bytes, bytes]]:

@@ -578,11 +578,19 @@ def scan_tables(tables: Iterable[tuple[TableReader, int | None]], lower: bytes |
     """
     if reverse:
         return _scan_tables_reverse(tables, lower, upper, rank)
-    return _scan_tables_forward(tables, lower, upper, rank)
+    return _scan_tables_forward(tables, lower, upper, rank, False)
+
+
+def scan_live(tables: Iterable[tuple[TableReader, int | None]], lower: bytes | None,
+              upper: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+    """Forward ``scan_tables`` of a run that is the only source of a read: yields
+    ``(key, value)`` and leaves deletions out."""
+    return _scan_tables_forward(tables, lower, upper, 0, True)  # type: ignore[return-value]
 
 
 def _scan_tables_forward(tables: Iterable[tuple[TableReader, int | None]], lower: bytes | None,
-                         upper: bytes | None, rank: int) -> Iterator[tuple[bytes, int, bytes | None]]:
+                         upper: bytes | None, rank: int,
+                         live: bool) -> Iterator[tuple[bytes, int, bytes | None]]:
     prev = None
     for reader, snap in tables:
         n = reader.num_blocks
@@ -608,8 +616,11 @@ def _scan_tables_forward(tables: Iterable[tuple[TableReader, int | None]], lower
                     continue
                 prev = k
                 if tag & 0xFF:
-                    yield k, rank, data[vo[j]:vo[j + 1]]
-                else:
+                    if live:
+                        yield k, data[vo[j]:vo[j + 1]]  # type: ignore[misc]
+                    else:
+                        yield k, rank, data[vo[j]:vo[j + 1]]
+                elif not live:
                     yield k, rank, None
             bi += 1
 
