@@ -442,3 +442,22 @@ def test_corruption_found_by_a_forked_compaction_names_the_file(tmp_path):
     finally:
         db._bg_error = None
         db.close()
+
+
+def test_scan_of_a_single_table_skips_deletions_and_honours_snapshots(tmp_path):
+    opts = small_options(level0_file_num_compaction_trigger=100)
+    with DB.open(tmp_path / "db", opts) as db:
+        for i in range(50):
+            db.put(b"k%02d" % i, b"old")
+        snap = db.snapshot()
+        for i in range(0, 50, 3):
+            db.delete(b"k%02d" % i)
+        db.put(b"k01", b"new")
+        db.flush()  # one level-0 table holds everything, tombstones and kept versions
+        assert db.level_file_counts()[0] == 1
+        expect = [(b"k%02d" % i, b"new" if i == 1 else b"old") for i in range(50) if i % 3]
+        assert list(db.iterator()) == expect
+        assert list(db.iterator(lower=b"k10", upper=b"k20")) == [kv for kv in expect
+                                                                   if b"k10" <= kv[0] < b"k20"]
+        assert list(db.iterator(snapshot=snap)) == [(b"k%02d" % i, b"old") for i in range(50)]
+        snap.release()
