@@ -458,8 +458,9 @@ class TableReader:
         return blk
 
     def _charge(self, blk: BlockView) -> int:
-        """Memory of a fresh view: a short list, and the bytes if decompressed."""
-        return (0 if blk[0] is self._mm else len(blk[0])) + 250
+        """Memory of a fresh view (a short list of ints and its cache entry), plus
+        the bytes when the block was decompressed."""
+        return (0 if blk[0] is self._mm else len(blk[0])) + 400
 
     def get(self, key: bytes, h: int, snap: int | None) -> object:
         """Newest version of ``key`` visible at ``snap``: bytes, None (deleted) or MISS."""
