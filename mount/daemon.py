@@ -415,12 +415,14 @@ def unmount(mountpoint: Path, lazy: bool = False) -> str:
         raise MountError(f"{mountpoint} is not mounted")
     if entry[1] != FSTYPE:
         raise MountError(f"{mountpoint} is not a tdefs mount ({entry[1]})")
+    gone = "removed the mount of a daemon that is gone"
     try:
         pid: int | None = int(control.request(mountpoint, "status", timeout=10)["pid"])
     except control.NoDaemon:
         pid = None
     except TdefsError:
-        pid = None  # a hung daemon: unmount anyway
+        pid = None  # it does not answer: unmount anyway, without flushing through it
+        gone = "removed the mount; its daemon did not answer and may still hold the vault"
     if pid is None:
         result = fusermount_unmount(mountpoint)
         if result.returncode != 0:
@@ -428,7 +430,7 @@ def unmount(mountpoint: Path, lazy: bool = False) -> str:
         if result.returncode != 0:
             raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
         control.ControlServer(str(mountpoint), {}).remove()
-        return "removed the mount of a daemon that is gone"
+        return gone
     try:
         sync_mount(mountpoint)
     except OSError as exc:
