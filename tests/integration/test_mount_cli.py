@@ -259,3 +259,29 @@ def test_access_checks_modes_like_the_kernel(tmp_path: Path) -> None:
         assert not await fs.access(ino, os.X_OK, _Ctx(0, 0))  # no x bit at all
 
     trio.run(check)
+
+
+def test_foreground_mode_and_ctrl_c(v: VaultPaths) -> None:
+    env = {k: val for k, val in os.environ.items() if k != "TDEFS_FAILPOINTS"}
+    proc = subprocess.Popen([sys.executable, "-m", "mount.cli", "mount", str(v.backing),
+                             str(v.mountpoint), *v.key_args(), "--foreground"],
+                            cwd=Path(__file__).resolve().parents[2], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(v.mountpoint):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the foreground mount never came up"
+            time.sleep(0.05)
+        (v.mountpoint / "fg").write_bytes(b"written in the foreground")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert not is_mounted(v.mountpoint)
+        assert b"unmounted" in proc.stderr.read()  # the log went to the terminal
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        force_cleanup(v.mountpoint)
+    with mounted_at(v):
+        assert (v.mountpoint / "fg").read_bytes() == b"written in the foreground"
