@@ -227,6 +227,23 @@ def apply_plain(root: Path, op: tuple) -> None:
         os.truncate(root / args[0], 0)
 
 
+def hard_links(root: Path, rel: str) -> set[str]:
+    """Names under ``root`` of the regular file at ``rel`` (empty if there is none)."""
+    try:
+        st = os.lstat(root / rel)
+    except OSError:
+        return set()
+    if not stat.S_ISREG(st.st_mode):
+        return set()
+    names = set()
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            full = Path(dirpath, name)
+            if os.lstat(full).st_ino == st.st_ino:
+                names.add(str(full.relative_to(root)))
+    return names
+
+
 def plain_tree(root: Path) -> State:
     state: State = {}
     for dirpath, _, filenames in os.walk(root):

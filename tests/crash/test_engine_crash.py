@@ -86,9 +86,13 @@ class Round:
 
 
 def run_round(db_dir: Path, ack_path: Path, first: int, forked: bool,
-              rng: random.Random) -> Round:
+              rng: random.Random, open_seconds: list[float]) -> Round:
     """Start the writer and SIGKILL it: inside DB.open (recovery), while a forked flush or
-    compaction child is building a table, or at a random moment of its writing."""
+    compaction child is building a table, or at a random moment of its writing.
+
+    `open_seconds` collects how long DB.open took in the rounds that got past it; a kill
+    aimed at recovery picks a moment within the shortest of those.
+    """
     result = Round()
     proc = subprocess.Popen(
         [sys.executable, str(DRIVER), str(db_dir), str(ack_path), str(first), str(int(forked))],
@@ -100,11 +104,13 @@ def run_round(db_dir: Path, ack_path: Path, first: int, forked: bool,
         assert proc.stdout is not None
         mode = rng.random()
         proc.stdout.readline()  # "opening"
+        opening = time.monotonic()
         if mode < 0.25:
             # Recovery replays the WAL, writes a table and a new MANIFEST: a few ms.
-            time.sleep(rng.uniform(0.0, 0.015))
+            time.sleep(rng.uniform(0.0, min(open_seconds, default=0.01)))
             result.during_open = True
         elif proc.stdout.readline().strip() == b"ready":
+            open_seconds.append(time.monotonic() - opening)
             time.sleep(rng.uniform(0.05, 0.5))
             if mode < 0.55:
                 # Wait for a table-building child (a flush or compaction in flight).
@@ -167,11 +173,12 @@ def test_sigkill_loop_keeps_synced_batches_whole(tmp_path: Path, forked: bool) -
     kills_during_jobs = 0
     deepest_level = 0
     orphans: list[psutil.Process] = []
+    open_seconds: list[float] = []
 
     try:
         for round_no in range(ROUNDS):
             first = (round_no + 1) * 1_000_000
-            run = run_round(db_dir, ack_path, first, forked, rng)
+            run = run_round(db_dir, ack_path, first, forked, rng, open_seconds)
             orphans += run.orphans
             assert run.code == -signal.SIGKILL, (
                 f"round {round_no}: writer exited {run.code} before the kill:\n{run.stderr}")
