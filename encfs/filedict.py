@@ -220,6 +220,9 @@ class FileDictionary:
         self._mac_key = mac_key
         self.entries: dict[bytes, FileInfo] = {}
         self.pending: dict[int, Pending] = {}
+        # deleted in memory, DEL not yet written: the log still holds these entries
+        # (stale once the unlink is durable), see defer_delete
+        self.deferred: dict[bytes, FileInfo] = {}
         self.rewrite_min_records = rewrite_min_records
         self.rewrite_factor = rewrite_factor
         self.dropped_tail = 0  # bytes of torn tail cut off on open
@@ -338,6 +341,17 @@ class FileDictionary:
         with self._lock:
             return [p for p in self.entries if p.startswith(head)]
 
+    def deferred_at_or_under(self, top: bytes) -> list[bytes]:
+        """Deferred-delete paths equal to ``top`` or below it."""
+        head = top + b"/"
+        with self._lock:
+            return [p for p in self.deferred if p == top or p.startswith(head)]
+
+    def deferred_in(self, dirs: set[bytes]) -> list[bytes]:
+        """Deferred-delete paths whose parent directory is in ``dirs`` (b"" = root)."""
+        with self._lock:
+            return [p for p in self.deferred if p.rpartition(b"/")[0] in dirs]
+
     def count_by_key(self) -> dict[int, int]:
         counts: dict[int, int] = {}
         with self._lock:
@@ -349,17 +363,49 @@ class FileDictionary:
         """Key ids used by any entry or any pending intent (never retire these)."""
         with self._lock:
             keys = {info.key_id for info in self.entries.values()}
+            keys.update(info.key_id for info in self.deferred.values())
             for p in self.pending.values():
                 keys.update(op[2].key_id for op in p.ops if op[0] == "put")
             return keys
 
     # -- writing -------------------------------------------------------------------
 
-    def append(self, ops: Sequence[Op], *, sync: bool = True) -> int:
-        """Write one record holding ``ops`` and apply it; returns its sequence number.
-        With ``sync`` (the default) returns once the record is durable."""
-        payload = encode_ops(ops)
+    def defer_delete(self, path: bytes) -> None:
+        """Forget ``path``'s entry now, write its DEL later (``append_deferred``).
+
+        For an unlink: the DEL must not reach the disk before the unlink does, and
+        making the unlink durable (a directory fsync) per call is costly. Until the
+        DEL is written the log keeps the entry, which is stale once the unlink is
+        durable (recovery drops it) and right if a power cut undid the unlink.
+        Whoever makes a file appear at a deferred path must first make the unlink
+        durable (see Vault)."""
         with self._lock:
+            info = self.entries.pop(path, None)
+            if info is not None:
+                self.deferred[path] = info
+
+    def append_deferred(self, paths: Iterable[bytes], *, extra: Sequence[Op] = (),
+                        sync: bool = False) -> int:
+        """Append one record: ``extra`` plus a DEL for each of ``paths`` that is still
+        deferred. The caller has made those paths' unlinks durable. Returns the
+        record's sequence number, or 0 when there was nothing to write."""
+        return self.append(extra, sync=sync, deferred=list(paths))
+
+    def append(self, ops: Sequence[Op], *, sync: bool = True,
+               deferred: Sequence[bytes] = ()) -> int:
+        """Write one record holding ``ops`` and apply it; returns its sequence number.
+        With ``sync`` (the default) returns once the record is durable. ``deferred``:
+        see append_deferred."""
+        with self._lock:
+            if deferred:
+                # decided under the lock: a path made anew meanwhile is no longer deferred.
+                # The DELs go first: they record unlinks that happened before ``ops``.
+                if ops and ops[0][0] == "begin":
+                    raise ValueError("deferred DELs cannot join an intent record")
+                ops = [*(("del", p) for p in deferred if p in self.deferred), *ops]
+            if not ops:
+                return 0
+            payload = encode_ops(ops)
             if self._fd < 0:
                 raise OSError(errno.EBADF, f"{self.path} is not open for writing")
             self._check_sync_error()
@@ -432,7 +478,7 @@ class FileDictionary:
                           f" ({self._sync_error.strerror}); reopen the vault")
 
     def _should_rewrite(self) -> bool:
-        live = len(self.entries) + len(self.pending)
+        live = len(self.entries) + len(self.pending) + len(self.deferred)
         return self.records > self.rewrite_min_records and self.records > self.rewrite_factor * live
 
     def rewrite(self) -> None:
@@ -447,7 +493,8 @@ class FileDictionary:
             prev = head[_HEADER_BODY.size :]
             parts = [head]
             count = 0
-            items = [("put", p, i) for p, i in self.entries.items()]
+            # deferred deletes stay in the snapshot: their unlinks may not be durable
+            items = [("put", p, i) for p, i in (*self.entries.items(), *self.deferred.items())]
             for i in range(0, len(items), SNAPSHOT_OPS_PER_RECORD):
                 rec, prev = _record(self._mac_key, prev, encode_ops(items[i : i + SNAPSHOT_OPS_PER_RECORD]))
                 parts.append(rec)
@@ -490,8 +537,10 @@ class FileDictionary:
             kind = op[0]
             if kind == "put":
                 self.entries[op[1]] = op[2]
+                self.deferred.pop(op[1], None)
             elif kind == "del":
                 self.entries.pop(op[1], None)
+                self.deferred.pop(op[1], None)
             elif kind == "commit":
                 p = self.pending.pop(op[1], None)
                 if p is not None:

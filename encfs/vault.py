@@ -4,7 +4,9 @@ This is the only code that changes both the key dictionary and the tree, and it 
 so in the crash-safe orders of DESIGN.md ("Operation order"):
 
 - create: durable PUT(path), then create the file;
-- unlink: remove the file, make that durable, then DEL(path);
+- unlink: remove the file; its DEL is written only once the removal is known durable
+  (a later fsync of its directory: by a rename there, a flush of deferred deletes,
+  close, or before anything else may appear under that name);
 - rename (files, directories, RENAME_EXCHANGE, RENAME_NOREPLACE): a durable intent
   carrying the whole after-state (every entry under a directory, in one record), the
   rename, a directory fsync, then COMMIT (written, synced by whichever sync comes
@@ -61,6 +63,8 @@ MAC_KEY_LABEL = b"tdefs files.dict mac v1"
 DEFAULT_OPTIONS: dict[str, Any] = {"rotation_period_days": 7, "reencrypt_rate_mb": 16}
 _CIPHER_CACHE_MAX = 1 << 16
 _STALE_PER_RECORD = 4096
+# unlinks whose DEL waits for a directory fsync; past this many they are flushed
+DEFERRED_DELETES_MAX = 1024
 
 
 @dataclass
@@ -232,6 +236,8 @@ class Vault:
         if self._lock_fd < 0:
             return
         try:
+            if self.files.deferred:
+                self.flush_deletes()
             self.files.close()
         finally:
             os.close(self._lock_fd)
@@ -378,12 +384,11 @@ class Vault:
                     raise
             return fd, self.cipher_for(rel)
         if self.method == "plaintext":
-            previous = self.files.entries.get(rel)
-            if previous is not None:  # stale: the file does not exist
-                self.files.append([("del", rel)], sync=False)
+            self._clear_name(rel)
             return os.open(path, flags | os.O_CREAT, mode), PLAINTEXT
         info = self._new_info()
         previous = self.files.entries.get(rel)
+        self._settle(rel)
         self.files.append([("put", rel, info)])
         failpoint("create.after-new")
         try:
@@ -410,9 +415,46 @@ class Vault:
         failpoint("unlink.after-unlink")
         if rel in self.files.entries:
             # a DEL that reached the disk before the unlink would leave ciphertext
-            # without its entry after a power cut
-            fsync_dir(self._abs(_parent(rel)) if b"/" in rel else self._root_b)
-            self.files.append([("del", rel)], sync=False)
+            # without its entry after a power cut, and a directory fsync per unlink
+            # is costly: the DEL waits until the unlink is known durable
+            self.files.defer_delete(rel)
+            if len(self.files.deferred) >= DEFERRED_DELETES_MAX:
+                self.flush_deletes()
+
+    def flush_deletes(self) -> None:
+        """Make the deferred unlinks durable (one fsync per directory), then write
+        their DELs."""
+        paths = list(self.files.deferred)
+        for d in {_parent(p) for p in paths}:
+            self._fsync_nearest_dir(d)
+        self.files.append_deferred(paths)
+
+    def _settle(self, rel: bytes) -> None:
+        """Before a file may appear at ``rel`` again, make its deferred unlink durable."""
+        if rel in self.files.deferred:
+            self._fsync_nearest_dir(_parent(rel))
+
+    def _clear_name(self, rel: bytes) -> None:
+        """Before a file without an entry (plaintext) appears at ``rel``, make sure no
+        entry, stale or deferred, can apply to it, even after a power cut."""
+        if rel in self.files.entries or rel in self.files.deferred:
+            self._settle(rel)
+            self.files.append([("del", rel)])
+
+    def _dir(self, rel_dir: bytes) -> bytes:
+        return self._abs(rel_dir) if rel_dir else self._root_b
+
+    def _fsync_nearest_dir(self, rel_dir: bytes) -> None:
+        """fsync ``rel_dir``, or if it is gone, the nearest ancestor still there
+        (whose fsync makes the removal of what was below durable)."""
+        while True:
+            try:
+                fsync_dir(self._dir(rel_dir))
+                return
+            except (FileNotFoundError, NotADirectoryError):
+                if not rel_dir:
+                    raise
+                rel_dir = _parent(rel_dir)
 
     def link(self, src: bytes, dst: bytes) -> None:
         """Hard link ``dst`` to ``src``; the new name gets src's entry first."""
@@ -424,10 +466,13 @@ class Vault:
             self._drop_if_stale(src)  # then fail (or link a non-file) as link(2) would
             info = None
         if info is None:
+            if not os.path.lexists(dp):
+                self._clear_name(dst)
             os.link(sp, dp, follow_symlinks=False)
             return
         if os.path.lexists(dp):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dp))
+        self._settle(dst)
         self.files.append([("put", dst, info)])
         failpoint("link.after-new")
         try:
@@ -477,13 +522,15 @@ class Vault:
         sp, dp = self._abs(src), self._abs(dst)
         try:
             st_src = os.lstat(sp)
-        except FileNotFoundError:
+            try:
+                st_dst: os.stat_result | None = os.lstat(dp)
+            except FileNotFoundError:
+                st_dst = None
+        except OSError:
             self._drop_if_stale(src)
+            # the rename cannot work; let the kernel say why, as rename(2) would
+            renameat2(sp, dp, flags)
             raise
-        try:
-            st_dst: os.stat_result | None = os.lstat(dp)
-        except FileNotFoundError:
-            st_dst = None
         exchange = bool(flags & RENAME_EXCHANGE)
         if exchange and st_dst is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fsdecode(dp))
@@ -499,6 +546,11 @@ class Vault:
             renameat2(sp, dp, flags)
             return
         rule = RULE_SRC_REPLACED if exchange else RULE_SRC_GONE
+        # unlinks deferred inside a directory being moved (or replaced) must be durable
+        # first: the fsyncs below cover only the parents of src and dst
+        for d in {_parent(p) for p in (*self.files.deferred_at_or_under(src),
+                                       *self.files.deferred_at_or_under(dst))} - {_parent(src), _parent(dst)}:
+            self._fsync_nearest_dir(d)
         txid = self.files.begin(rule, src, st_src.st_ino, ops)
         failpoint("rename.after-intent")
         # until the COMMIT is applied the entries describe the tree before the rename:
@@ -511,14 +563,15 @@ class Vault:
                 self.files.append([("abort", txid)], sync=False)
                 raise
             failpoint("rename.after-rename")
-            # the rename must be on disk before a durable COMMIT can say it is
-            sparent, dparent = self._abs(_parent(src)), self._abs(_parent(dst))
-            fsync_dir(sparent if b"/" in src else self._root_b)
-            if _parent(src) != _parent(dst):
-                fsync_dir(dparent if b"/" in dst else self._root_b)
+            # the rename must be on disk before a durable COMMIT can say it is; the
+            # same fsyncs make earlier unlinks there durable, so their DELs can go too
+            parents = {_parent(src), _parent(dst)}
+            settled = self.files.deferred_in(parents)
+            for d in parents:
+                fsync_dir(self._dir(d))
             # not synced: until a later sync carries it, a crash leaves the intent,
             # which recovery resolves by the tree to the same answer
-            self.files.append([("commit", txid)], sync=False)
+            self.files.append_deferred(settled, extra=[("commit", txid)])
         failpoint("rename.after-commit")
 
     def _rename_ops(self, src: bytes, dst: bytes, dst_exists: bool, exchange: bool) -> list[Op]:
@@ -535,14 +588,16 @@ class Vault:
 
         a = subtree(src)
         b = subtree(dst)
+        # names whose DEL is deferred: their entries are still in the log
+        ghosts = {*self.files.deferred_at_or_under(src), *self.files.deferred_at_or_under(dst)}
         if exchange:
-            dels: list[Op] = [("del", p) for p in sorted({*a, *b})]
+            dels: list[Op] = [("del", p) for p in sorted({*a, *b, *ghosts})]
             puts: list[Op] = [("put", dst + p[len(src):], i) for p, i in a.items()]
             puts += [("put", src + p[len(dst):], i) for p, i in b.items()]
             return dels + puts
         # dst (a replaced file, an empty directory, or nothing) loses all its entries;
         # when dst does not exist those entries are stale anyway
-        dels = [("del", p) for p in sorted({*a, *b})]
+        dels = [("del", p) for p in sorted({*a, *b, *ghosts})]
         puts = [("put", dst + p[len(src):], i) for p, i in a.items()]
         return dels + puts
 
@@ -554,4 +609,6 @@ class Vault:
 
     def retire_unused_keys(self) -> list[int]:
         """Drop data keys that no entry or pending intent uses (never the active one)."""
+        if self.files.deferred:
+            self.flush_deletes()  # deleted files' entries are still in the log until then
         return self.keys.retire(list(self.keys.keys), self.files.referenced_keys())

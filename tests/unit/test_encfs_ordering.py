@@ -63,10 +63,51 @@ def test_create_entry_durable_before_the_file(traced):
     assert log == ["log.write", "log.sync", "create"]
 
 
-def test_unlink_durable_before_its_delete_record(traced):
+def test_unlink_defers_its_delete_record_until_the_unlink_is_durable(traced):
     vault, log = traced
     vault.unlink(b"a")
-    assert log == ["unlink", "dir.fsync", "log.write"]
+    vault.unlink(b"b")
+    vault.unlink(b"d/x")
+    assert log == ["unlink", "unlink", "unlink"]
+    assert set(vault.files.deferred) == {b"a", b"b", b"d/x"} and b"a" not in vault.files.entries
+    del log[:]
+    vault.flush_deletes()  # one fsync per directory, then one record
+    assert log == ["dir.fsync", "dir.fsync", "log.write"]
+    assert not vault.files.deferred
+
+
+def test_a_name_deleted_then_made_again(traced):
+    vault, log = traced
+    vault.unlink(b"a")
+    os.close(vault.create(b"a", os.O_WRONLY, 0o644)[0])
+    # the old file's removal is durable before the new entry can be
+    assert log == ["unlink", "dir.fsync", "log.write", "log.sync", "create"]
+    del log[:]
+    vault.unlink(b"b")
+    (vault.root / "plain").write_bytes(b"p")
+    del log[:]
+    vault.link(b"plain", b"b")  # a plaintext file under a name whose entry is deferred
+    assert log == ["dir.fsync", "log.write", "log.sync", "link"]
+    assert b"b" not in vault.files.entries and not vault.files.deferred
+
+
+def test_a_rename_carries_the_deletes_its_fsync_made_durable(traced):
+    vault, log = traced
+    vault.unlink(b"a")
+    vault.unlink(b"d/x")
+    del log[:]
+    vault.rename(b"b", b"c")
+    assert log == ["log.write", "log.sync", "rename", "dir.fsync", "log.write"]
+    assert list(vault.files.deferred) == [b"d/x"]  # its directory was not fsynced
+
+
+def test_a_directory_rename_settles_deletes_inside_it_first(traced):
+    vault, log = traced
+    vault.unlink(b"d/x")
+    del log[:]
+    vault.rename(b"d", b"e")
+    assert log == ["dir.fsync", "log.write", "log.sync", "rename", "dir.fsync", "log.write"]
+    assert not vault.files.deferred
 
 
 def test_link_entry_durable_before_the_link(traced):

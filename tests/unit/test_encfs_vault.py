@@ -352,3 +352,69 @@ def test_missing_metadata_files_are_vault_errors(tmp_path, source):
         (backing / META_DIR / name).unlink()
         with pytest.raises(VaultError, match="missing"):
             Vault.open(backing, source)
+
+
+def _abandon(vault: Vault) -> None:
+    """Drop the vault as a crash would: nothing flushed, nothing written."""
+    os.close(vault.files._fd)
+    vault.files._fd = -1
+    os.close(vault._lock_fd)
+    vault._lock_fd = -1
+
+
+def test_a_power_cut_that_undoes_an_unlink_leaves_the_file_readable(tmp_path, source, vault):
+    put(vault, b"a", b"A" * 100)
+    saved = raw(vault, b"a")
+    vault.unlink(b"a")
+    put(vault, b"b", b"B")  # a later durable record: the log moves on
+    _abandon(vault)
+    # the unlink never reached the disk, the log's later records did
+    (vault.root / "a").write_bytes(saved)
+    with Vault.open(tmp_path / "vault", source) as v:
+        assert get(v, b"a") == b"A" * 100 and get(v, b"b") == b"B"
+    # and when the unlink did reach the disk, the entry is simply stale
+    with Vault.open(tmp_path / "vault", source) as v:
+        v.unlink(b"a")
+        _abandon(v)
+    with Vault.open(tmp_path / "vault", source) as v:
+        assert v.recovery.stale == [b"a"]
+
+
+def test_deferred_deletes_are_flushed_at_the_limit_and_on_close(tmp_path, source, vault, monkeypatch):
+    import encfs.vault as vault_module
+
+    monkeypatch.setattr(vault_module, "DEFERRED_DELETES_MAX", 5)
+    for i in range(12):
+        put(vault, b"f%d" % i, b"x")
+    for i in range(12):
+        vault.unlink(b"f%d" % i)
+        assert len(vault.files.deferred) < 5
+    assert vault.files.deferred
+    vault.close()
+    with Vault.open(tmp_path / "vault", source) as v:
+        assert not v.files.entries and not v.recovery.stale  # every DEL was written
+
+
+def test_plaintext_file_renamed_or_linked_onto_a_deleted_name(tmp_path, source, vault):
+    put(vault, b"a", b"A")
+    put(vault, b"b", b"B")
+    vault.unlink(b"a")
+    vault.unlink(b"b")
+    (vault.root / "p").write_bytes(b"plain p")
+    (vault.root / "q").write_bytes(b"plain q")
+    vault.rename(b"p", b"a")
+    vault.link(b"q", b"b")
+    _abandon(vault)  # whatever was only in memory is lost
+    with Vault.open(tmp_path / "vault", source) as v:
+        assert get(v, b"a") == b"plain p" and get(v, b"b") == b"plain q"
+
+
+def test_rename_onto_a_name_whose_delete_is_deferred(tmp_path, source, vault):
+    put(vault, b"a", b"old a")
+    put(vault, b"b", b"new a")
+    vault.unlink(b"a")
+    vault.rename(b"b", b"a")  # the COMMIT record also carries a's deferred DEL
+    assert get(vault, b"a") == b"new a"
+    vault.close()
+    with Vault.open(tmp_path / "vault", source) as v:
+        assert get(v, b"a") == b"new a" and set(v.files.entries) == {b"a"}
