@@ -297,3 +297,25 @@ def test_mtime_survives_remount(tmp_path: Path) -> None:
     with mounted_at(v):
         assert os.stat(v.mountpoint / "stamped").st_mtime_ns == seen
         assert os.stat(v.mountpoint / "later").st_mtime_ns == seen_later
+
+
+def test_without_the_writeback_cache(tmp_path: Path) -> None:
+    v = make_vault(tmp_path)
+    with mounted_at(v, extra=("--no-writeback-cache",)):
+        m = v.mountpoint
+        (m / "f").write_bytes(b"abc" * 5000)
+        with open(m / "f", "ab") as f:  # O_APPEND without the kernel's cache
+            f.write(b"tail")
+        fd = os.open(m / "f", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"far", 40000)
+            with mmap.mmap(fd, 4096, mmap.MAP_SHARED) as mm:
+                mm[0:3] = b"XYZ"
+                mm.flush()
+        finally:
+            os.close(fd)
+        data = (m / "f").read_bytes()
+        assert data[:3] == b"XYZ" and data[3:15000] == (b"abc" * 5000)[3:]
+        assert data[15000:15004] == b"tail" and data[15004:40000] == bytes(40000 - 15004)
+        assert data[40000:] == b"far"
+        assert b"abcabc" not in (v.backing / "f").read_bytes()
