@@ -418,3 +418,14 @@ def test_rename_onto_a_name_whose_delete_is_deferred(tmp_path, source, vault):
     vault.close()
     with Vault.open(tmp_path / "vault", source) as v:
         assert get(v, b"a") == b"new a" and set(v.files.entries) == {b"a"}
+
+
+def test_flush_after_the_directory_itself_is_gone(tmp_path, source, vault):
+    os.makedirs(vault.root / "d/e")
+    put(vault, b"d/e/f", b"x")
+    vault.unlink(b"d/e/f")
+    os.rmdir(vault.root / "d/e")
+    os.rmdir(vault.root / "d")
+    vault.close()  # fsyncs the nearest directory still there, then writes the DEL
+    with Vault.open(tmp_path / "vault", source) as v:
+        assert not v.files.entries and not v.recovery.stale
