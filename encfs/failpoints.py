@@ -22,7 +22,8 @@ CRASH_EXIT_CODE = 137
 FAILPOINTS: tuple[str, ...] = (
     # Vault operations (encfs/vault.py), between their steps
     "create.after-new",  # entry durable, file not created yet
-    "unlink.after-unlink",  # file removed, delete record not written
+    "unlink.after-unlink",  # file removed, its delete deferred
+    "deletes.after-fsync",  # deferred unlinks made durable, their deletes not written
     "rename.after-intent",  # intent durable, rename not done
     "rename.after-rename",  # renamed, commit record not written
     "rename.after-commit",  # commit written, not yet synced

@@ -427,6 +427,7 @@ class Vault:
         paths = list(self.files.deferred)
         for d in {_parent(p) for p in paths}:
             self._fsync_nearest_dir(d)
+        failpoint("deletes.after-fsync")
         self.files.append_deferred(paths)
 
     def _settle(self, rel: bytes) -> None:

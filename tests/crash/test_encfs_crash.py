@@ -50,6 +50,7 @@ CASES: list[tuple[str, str]] = [
     ("create", "create.after-new"),
     *[("create", f) for f in _APPEND],
     ("unlink", "unlink.after-unlink"),
+    ("unlink", "deletes.after-fsync"),  # the flush at close
     *[("unlink", f) for f in _APPEND],
     *[("rename_over", f) for f in (*_RENAME, *_APPEND)],
     ("rename_over", "dict.append.mid-write=crash@2"),
