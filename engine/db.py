@@ -64,6 +64,8 @@ from .wal import (
 _FILE_RE = re.compile(r"^(\d+)\.(sst|log)$|^MANIFEST-(\d+)$|^.*\.dbtmp$|^compaction-.*\.tmp$")
 _NUMBER_RE = re.compile(r"^(\d+)\.[a-z]+$|^MANIFEST-(\d+)$")
 _NO_SNAPSHOT = -1
+# WAL space reserved ahead of the writes, so synced writes rarely change the size.
+WAL_PREALLOCATE = 1 << 20
 # How far past write_buffer_size the active memtable may grow while flushes run.
 MEMTABLE_OVERRUN = 1.5
 # Compaction children run below flushes and the foreground on a shared machine.
@@ -275,7 +277,7 @@ class DB:
         self._seq = max_seq
         self._mem = MemTable(log_number)
         self._imms: list[MemTable] = []
-        self._wal = LogWriter(self._file(log_name(log_number)))
+        self._wal = LogWriter(self._file(log_name(log_number)), preallocate=WAL_PREALLOCATE)
         self._wal_write = self._wal.write
         self._wal_dir_synced = False
         self._unsynced_logs: list[str] = []
@@ -473,7 +475,7 @@ class DB:
 
     def _switch_memtable(self) -> None:
         number = self._vs.new_file_number()
-        wal = LogWriter(self._file(log_name(number)))
+        wal = LogWriter(self._file(log_name(number)), preallocate=WAL_PREALLOCATE)
         self._wal.close()
         self._unsynced_logs.append(self._wal.path)
         self._wal = wal

@@ -50,14 +50,29 @@ class LogWriter:
     """Writes records to a new log file; buffered until ``flush`` or ``sync``.
 
     The file is created empty (truncating any leftover of a crashed run): a log is
-    never continued, so no record can follow another process's torn tail.
+    never continued, so no record can follow another process's torn tail. With
+    ``preallocate``, space is reserved ahead of the writes (zero-filled, in chunks
+    of that many bytes) so that a sync need not also commit a new file size; a
+    reader stops at the zeros as at a torn tail, and ``close`` trims them.
     """
 
-    def __init__(self, path: str, buffer_size: int = 1 << 16) -> None:
+    def __init__(self, path: str, buffer_size: int = 1 << 16, preallocate: int = 0) -> None:
         self.path = path
         self._file = open(path, "wb", buffering=buffer_size)  # noqa: SIM115
         # Bound method kept for the hot write path.
         self.write = self._file.write
+        self._chunk = preallocate
+        self._reserved = 0
+        if preallocate:
+            self._reserve(0)
+
+    def _reserve(self, pos: int) -> None:
+        try:
+            os.posix_fallocate(self._file.fileno(), pos, self._chunk)
+        except OSError:
+            self._chunk = 0  # not supported here: grow as written
+            return
+        self._reserved = pos + self._chunk
 
     def add(self, payload: bytes) -> None:
         self.write(frame(payload))
@@ -67,11 +82,19 @@ class LogWriter:
 
     def sync(self) -> None:
         self._file.flush()
+        if self._chunk:
+            pos = self._file.tell()
+            if pos + (self._chunk >> 2) > self._reserved:
+                self._reserve(max(pos, self._reserved))
         os.fdatasync(self._file.fileno())
 
     def close(self, sync: bool = False) -> None:
         if self._file.closed:
             return
+        if self._reserved:
+            self._chunk = 0
+            self._file.flush()
+            self._file.truncate(self._file.tell())
         if sync:
             self.sync()
         self._file.close()
@@ -86,8 +109,11 @@ def read_records(path: str, data: bytes | None = None) -> Iterator[tuple[int, by
     """Yield ``(offset, payload)`` for every whole record of the log at ``path``.
 
     A torn tail ends the iteration quietly: a partial header, a record that runs
-    past the end of the file, or a zero-filled remainder. Any other checksum
-    failure raises ``Corruption`` with the record's offset.
+    past the end of the file, or a last record whose unwritten part reads as zeros
+    (a preallocated log, or a filesystem that zero-fills): a bad header followed
+    by nothing but zeros, or a bad payload ending in a zero byte with nothing but
+    zeros after it. Any other checksum failure raises ``Corruption`` with the
+    record's offset.
     """
     if data is None:
         with open(path, "rb") as f:
@@ -99,7 +125,7 @@ def read_records(path: str, data: bytes | None = None) -> Iterator[tuple[int, by
             return
         length, pcrc, check = HEADER.unpack_from(data, pos)
         if header_check(length, pcrc) != check:
-            if _all_zero(data, pos):
+            if _all_zero(data, pos + HEADER_SIZE):
                 return
             raise Corruption(path, pos, "bad record header checksum")
         start = pos + HEADER_SIZE
@@ -108,8 +134,7 @@ def read_records(path: str, data: bytes | None = None) -> Iterator[tuple[int, by
             return
         payload = data[start:end]
         if crc32(payload) != pcrc:
-            # A crash can leave a zero-filled last record on some filesystems.
-            if end == size and length and payload[-1] == 0:
+            if length and payload[-1] == 0 and _all_zero(data, end):
                 return
             raise Corruption(path, pos, "bad record payload checksum")
         yield pos, payload

@@ -23,6 +23,7 @@ from engine import (
     Options,
     WriteBatch,
 )
+from engine.wal import read_records
 
 
 def crash_copy(src, dst):
@@ -168,14 +169,19 @@ def test_torn_wal_tail_is_tolerated(tmp_path, opts):
     db = DB.open(path, opts)
     db.put(b"a", b"1", sync=True)
     db.put(b"b", b"2", sync=True)
-    crash = tmp_path / "crash"
-    crash_copy(path, crash)
+    images = [tmp_path / "cut", tmp_path / "zeros"]
+    for image in images:
+        crash_copy(path, image)
     db.close()
-    (log,) = [n for n in os.listdir(crash) if n.endswith(".log")]
-    data = (crash / log).read_bytes()
-    (crash / log).write_bytes(data[:-3])  # the second record is torn
-    with DB.open(crash, opts) as db2:
-        assert db2.get(b"a") == b"1" and db2.get(b"b") is None
+    for image, zeros in zip(images, (0, 500), strict=True):
+        (log,) = [n for n in os.listdir(image) if n.endswith(".log")]
+        data = (image / log).read_bytes()
+        offset, payload = list(read_records(str(image / log)))[-1]
+        end = offset + 12 + len(payload)
+        # The second record is torn: cut short, or cut and followed by zeros.
+        (image / log).write_bytes(data[:end - 3] + bytes(zeros))
+        with DB.open(image, opts) as db2:
+            assert db2.get(b"a") == b"1" and db2.get(b"b") is None
 
 
 def test_wal_record_corrupt_mid_file_is_corruption(tmp_path, opts):

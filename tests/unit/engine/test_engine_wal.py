@@ -91,3 +91,36 @@ def test_malformed_batch_is_corruption(damage):
         payload += b"!"
     with pytest.raises(Corruption, match="malformed write batch"):
         decode_batch("x.log", 40, bytes(payload))
+
+
+def test_preallocated_log_reads_back_and_is_trimmed_on_close(tmp_path):
+    path = tmp_path / "000001.log"
+    w = LogWriter(str(path), preallocate=1 << 16)
+    w.add(b"first")
+    w.sync()
+    assert path.stat().st_size >= 1 << 16  # zeros reserved past the record
+    assert [p for _, p in read_records(str(path))] == [b"first"]
+    for i in range(3000):
+        w.add(b"r%d" % i)
+        if i % 500 == 0:
+            w.sync()
+    w.close(sync=True)
+    assert [p for _, p in read_records(str(path))][-1] == b"r2999"
+    assert path.stat().st_size == sum(12 + len(p) for _, p in read_records(str(path)))
+
+
+@pytest.mark.parametrize("written", [3, 12, 15])
+def test_partly_written_record_before_zeros_is_a_torn_tail(tmp_path, written):
+    path = tmp_path / "000001.log"
+    record = frame(b"second-record\x00")
+    path.write_bytes(frame(b"first") + record[:written] + bytes(200))
+    assert [p for _, p in read_records(str(path))] == [b"first"]
+
+
+def test_bad_last_record_before_zeros_is_still_corruption(tmp_path):
+    path = tmp_path / "000001.log"
+    bad = bytearray(frame(b"whole-record"))
+    bad[14] ^= 0x01
+    path.write_bytes(frame(b"first") + bytes(bad) + bytes(200))
+    with pytest.raises(Corruption, match="payload"):
+        list(read_records(str(path)))
