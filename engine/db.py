@@ -394,33 +394,61 @@ class DB:
         if self._slowdown:
             self._delay()
         with self._lock:
+            self._apply(ops, sync)
+
+    def delete_range(self, begin: bytes, end: bytes, sync: bool = False) -> int:
+        """Delete every key in ``[begin, end)`` atomically; return how many there were.
+
+        Written as one batch of point deletions while writers wait, so no write can
+        land in the range between finding the keys and deleting them. The cost is
+        proportional to the keys in the range (the tables' range-tombstone block
+        is reserved for a constant-cost form).
+        """
+        begin = _as_bytes(begin, "begin")
+        end = _as_bytes(end, "end")
+        if self._slowdown:
+            self._delay()
+        with self._lock:
             if self._closed or self._bg_error is not None:
                 self._check_writable()
-            first = self._seq + 1
-            self._wal_write(frame(encode_batch(first, ops)))
-            mem = self._mem
-            size = 0
-            if self._snap_max < 0:
-                # One dict.update is atomic for readers that take no lock.
-                values = {}
-                seqs = {}
-                seq = first
-                for key, value in ops:
-                    values[key] = value
-                    seqs[key] = seq
-                    size += len(key) + (len(value) if value is not None else 0) + ENTRY_OVERHEAD
-                    seq += 1
-                mem.seqs.update(seqs)
-                mem.values.update(values)
-                mem.size += size
-            else:
-                for i, (key, value) in enumerate(ops):
-                    mem.add(first + i, key, value, self._snap_max)
-            self._seq = first + len(ops) - 1
-            if sync:
+            mem, imms, version = self._sv
+            mems = [m for m in (mem, *imms) if len(m)]
+            keys = [k for k, _ in self._scan(mems, version, begin, end, False, self._seq)]
+            if keys:
+                self._apply([(k, None) for k in keys], sync)
+            elif sync:
                 self._sync_wal()
-            if mem.size >= self.options.write_buffer_size:
-                self._make_room()
+            return len(keys)
+
+    def _apply(self, ops: list[tuple[bytes, bytes | None]], sync: bool) -> None:
+        """Log and apply a batch (caller holds ``_lock``)."""
+        if self._closed or self._bg_error is not None:
+            self._check_writable()
+        first = self._seq + 1
+        self._wal_write(frame(encode_batch(first, ops)))
+        mem = self._mem
+        size = 0
+        if self._snap_max < 0:
+            # One dict.update is atomic for readers that take no lock.
+            values = {}
+            seqs = {}
+            seq = first
+            for key, value in ops:
+                values[key] = value
+                seqs[key] = seq
+                size += len(key) + (len(value) if value is not None else 0) + ENTRY_OVERHEAD
+                seq += 1
+            mem.seqs.update(seqs)
+            mem.values.update(values)
+            mem.size += size
+        else:
+            for i, (key, value) in enumerate(ops):
+                mem.add(first + i, key, value, self._snap_max)
+        self._seq = first + len(ops) - 1
+        if sync:
+            self._sync_wal()
+        if mem.size >= self.options.write_buffer_size:
+            self._make_room()
 
     def _sync_wal(self) -> None:
         """Make every write so far durable: earlier logs left unsynced at a memtable
@@ -567,6 +595,16 @@ class DB:
             if own is not None:
                 own.release()
             return iter(())
+        merged = self._scan(mems, version, lower, upper, reverse, seq)
+        # The sources read tables and memtables lazily; the version they pinned
+        # keeps the tables readable. A registered snapshot lives as long as they do.
+        return merged if own is None else _releasing(merged, own)
+
+    def _scan(self, mems: list[MemTable], version: Version, lower: bytes | None,
+              upper: bytes | None, reverse: bool, seq: int) -> Iterator[tuple[bytes, bytes]]:
+        """Merged live pairs of the memtables and tables in range, as of ``seq``."""
+        if lower is not None and upper is not None and lower >= upper:
+            return iter(())
         if not reverse and not mems:
             single = self._single_run(version, lower, upper, seq)
             if single is not None:
@@ -588,12 +626,8 @@ class DB:
                 sources.append(scan_tables(tables, lower, upper, sign * rank, reverse))
             rank += 1
         if len(sources) == 1:
-            merged = _live(sources[0])
-        else:
-            merged = _merge_reverse(sources) if reverse else _merge_forward(sources)
-        # The sources read tables and memtables lazily; the version they pinned
-        # keeps the tables readable. A registered snapshot lives as long as they do.
-        return merged if own is None else _releasing(merged, own)
+            return _live(sources[0])
+        return _merge_reverse(sources) if reverse else _merge_forward(sources)
 
     @staticmethod
     def _single_run(version: Version, lower: bytes | None, upper: bytes | None,

@@ -467,3 +467,26 @@ def test_scan_of_a_single_table_skips_deletions_and_honours_snapshots(tmp_path):
                                                                    if b"k10" <= kv[0] < b"k20"]
         assert list(db.iterator(snapshot=snap)) == [(b"k%02d" % i, b"old") for i in range(50)]
         snap.release()
+
+
+def test_delete_range(tmp_path, opts):
+    path = tmp_path / "db"
+    with DB.open(path, opts) as db:
+        for i in range(300):
+            db.put(b"k%03d" % i, b"v%d" % i)
+        db.flush()
+        for i in range(100, 150):
+            db.put(b"k%03d" % i, b"newer")  # some of the range lives in the memtable
+        snap = db.snapshot()
+        assert db.delete_range(b"k100", b"k200") == 100
+        assert db.delete_range(b"k100", b"k200") == 0
+        assert db.delete_range(b"k9", b"k1") == 0
+        assert db.get(b"k099") == b"v99" and db.get(b"k200") == b"v200"
+        assert all(db.get(b"k%03d" % i) is None for i in range(100, 200))
+        assert len(list(db.iterator())) == 200
+        assert db.get(b"k120", snapshot=snap) == b"newer"
+        assert len(list(db.iterator(snapshot=snap))) == 300
+        snap.release()
+    with DB.open(path, opts) as db:
+        assert len(list(db.iterator())) == 200
+        assert db.get(b"k150") is None
