@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from engine_helpers import small_options
@@ -490,3 +491,81 @@ def test_delete_range(tmp_path, opts):
     with DB.open(path, opts) as db:
         assert len(list(db.iterator())) == 200
         assert db.get(b"k150") is None
+
+
+def test_concurrent_writers_readers_flushes_and_compactions(tmp_path):
+    """Writers on disjoint keys, snapshot readers and manual flushes/compactions run
+    at once for a few seconds (two compaction threads, forked jobs); the result
+    equals the writers' models, snapshot views stay fixed, and checks pass."""
+    opts = small_options(write_buffer_size=32 << 10, target_file_size_base=16 << 10,
+                         max_bytes_for_level_base=64 << 10, max_bytes_for_level_multiplier=4,
+                         max_background_compactions=2, background_processes=True,
+                         block_cache_size=128 << 10)
+    db = DB.open(tmp_path / "db", opts)
+    models: list[dict] = [{}, {}]
+    errors: list[str] = []
+    deadline = time.monotonic() + 4
+
+    def writer(t: int) -> None:
+        rng = random.Random(t)
+        m = models[t]
+        try:
+            while time.monotonic() < deadline:
+                k = b"w%d-%04d" % (t, rng.randrange(1500))
+                r = rng.random()
+                if r < 0.7:
+                    v = os.urandom(rng.randrange(1, 50))
+                    db.put(k, v)
+                    m[k] = v
+                elif r < 0.8:
+                    db.delete(k)
+                    m.pop(k, None)
+                else:
+                    b = WriteBatch()
+                    for i in range(10):
+                        kk = b"w%d-%04d" % (t, (int(k[3:]) + i) % 1500)
+                        b.put(kk, b"batch")
+                        m[kk] = b"batch"
+                    db.write(b)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"writer: {exc!r}")
+
+    def reader() -> None:
+        try:
+            while time.monotonic() < deadline:
+                with db.snapshot() as s:
+                    a = list(db.iterator(lower=b"w0-", upper=b"w0-~", snapshot=s))
+                    assert a == list(db.iterator(lower=b"w0-", upper=b"w0-~", snapshot=s))
+                    assert a[::-1] == list(db.iterator(lower=b"w0-", upper=b"w0-~",
+                                                       snapshot=s, reverse=True))
+                    for k, v in a[:20]:
+                        assert db.get(k, snapshot=s) == v
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"reader: {exc!r}")
+
+    def admin() -> None:
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                db.flush()
+                db.compact_range(b"w1-", b"w1-~")
+                db.check()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"admin: {exc!r}")
+
+    threads = [threading.Thread(target=writer, args=(0,)), threading.Thread(target=writer, args=(1,)),
+               threading.Thread(target=reader), threading.Thread(target=admin)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        expect = {**models[0], **models[1]}
+        assert dict(db.iterator()) == expect
+        assert db.property("stats")["compactions"] > 0
+        db.check()
+    finally:
+        db.close()
+    with DB.open(tmp_path / "db", opts) as db2:
+        assert dict(db2.iterator()) == expect
