@@ -51,7 +51,9 @@ def escape(data: bytes) -> str:
 
 def _parser() -> _Parser:
     p = _Parser(prog="lsmdb", add_help=True,
-                description="Use and inspect an LSM engine database.")
+                description="Use and inspect an LSM engine database.",
+                epilog="Files can be inspected without opening a database: "
+                       "lsmdb dump-manifest FILE | dump-sst FILE | dump-wal FILE")
     p.add_argument("--hex", action="store_true", help="keys and values are hex on input and output")
     p.add_argument("path", help="database directory (or dump-manifest|dump-sst|dump-wal)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -17,6 +17,7 @@ from .errors import InvalidArgument
 class Options:
     create_if_missing: bool = True
     error_if_exists: bool = False
+    # The write buffer and level-1 budget follow RocksDB's defaults.
     write_buffer_size: int = 64 << 20
     max_write_buffer_number: int = 2
     level0_file_num_compaction_trigger: int = 4
