@@ -75,7 +75,13 @@ def run_job(fn: Callable[..., Any], *args: Any, isolated: bool = True, niceness:
         return fn(*args)
     rfd, wfd = os.pipe()
     parent = os.getpid()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        # No memory or process slot for a child: do the work here rather than fail.
+        os.close(rfd)
+        os.close(wfd)
+        return fn(*args)
     if pid == 0:
         os.close(rfd)
         _child_main(fn, args, wfd, niceness, parent)
