@@ -96,7 +96,8 @@ U32X2 = struct.Struct("<II")
 def open_block(buf: bytes | mmap.mmap, base: int, size: int, path: str, offset: int) -> list:
     """Check the layout of the block stored at ``buf[base:base + size]`` and return its
     view ``[buf, n, key_offsets_at, value_offsets_at, tags_at, keys, tags,
-    value_offsets, base]``; the ``*_at`` positions are absolute in ``buf``.
+    value_offsets, base]``; the ``*_at`` positions are absolute in ``buf``, key and
+    value offsets (as stored) are relative to ``base``.
 
     ``buf`` is the table's mmap for a stored block, so a view copies nothing and
     holds a few ints: the block cache keeps many of them, and a cached block is not
@@ -121,10 +122,8 @@ def open_block(buf: bytes | mmap.mmap, base: int, size: int, path: str, offset: 
 
 
 def key_offsets(view: list) -> tuple[int, ...]:
-    """The n + 1 key offsets of a block view, absolute in its buffer."""
-    buf, n, kstart, base = view[0], view[1], view[2], view[8]
-    ko = _array(n + 1, "I").unpack_from(buf, kstart)
-    return tuple(map(base.__add__, ko)) if base else ko
+    """The n + 1 key offsets of a block view, relative to its base."""
+    return _array(view[1] + 1, "I").unpack_from(view[0], view[2])
 
 
 BlockView = list
@@ -132,9 +131,9 @@ BlockView = list
 
 def promote(view: BlockView) -> None:
     """Unpack keys, tags and value offsets into the view (readers test keys last)."""
-    buf, ko = view[0], key_offsets(view)
+    buf, ko, b = view[0], key_offsets(view), view[8]
     view[6], view[7] = block_arrays(view)
-    view[5] = [buf[s:e] for s, e in zip(ko, ko[1:], strict=False)]
+    view[5] = [buf[b + s:b + e] for s, e in zip(ko, ko[1:], strict=False)]
 
 
 def block_seek(view: BlockView, key: bytes, ko: tuple[int, ...] | None) -> int:
@@ -143,12 +142,12 @@ def block_seek(view: BlockView, key: bytes, ko: tuple[int, ...] | None) -> int:
     keys = view[5]
     if keys is not None:
         return bisect_left(keys, key)
-    buf, n = view[0], view[1]
+    buf, n, b = view[0], view[1], view[8]
     assert ko is not None
     lo, hi = 0, n
     while lo < hi:
         mid = (lo + hi) >> 1
-        if buf[ko[mid]:ko[mid + 1]] < key:
+        if buf[b + ko[mid]:b + ko[mid + 1]] < key:
             lo = mid + 1
         else:
             hi = mid
@@ -161,14 +160,11 @@ def _key_at(buf: bytes | mmap.mmap, kstart: int, base: int, j: int) -> bytes:
 
 
 def block_arrays(view: BlockView) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(tags, value_offsets)`` of a block view, offsets absolute in its buffer."""
+    """``(tags, value_offsets)`` of a block view, offsets relative to its base."""
     if view[5] is not None:
         return view[6], view[7]
-    buf, n, _, voff, toff, _, _, _, base = view
-    vo = _array(n + 1, "I").unpack_from(buf, voff)
-    if base:
-        vo = tuple(map(base.__add__, vo))
-    return _array(n, "Q").unpack_from(buf, toff), vo
+    buf, n, _, voff, toff = view[:5]
+    return _array(n, "Q").unpack_from(buf, toff), _array(n + 1, "I").unpack_from(buf, voff)
 
 
 def decode_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], tuple[int, ...], tuple[int, ...], bytes]:
@@ -487,7 +483,7 @@ class TableReader:
                     tag = tags[j]
                     if snap is None or tag >> 8 <= snap:
                         if tag & 0xFF == KIND_PUT:
-                            return data[vo[j]:vo[j + 1]]
+                            return data[base + vo[j]:base + vo[j + 1]]
                         return None
                     j += 1
                 if j < m:
@@ -558,8 +554,8 @@ class TableReader:
         if not self.num_blocks:
             return None
         view = self.block(0)
-        ko = key_offsets(view)
-        return view[0][ko[0]:ko[1]]
+        ko, b = key_offsets(view), view[8]
+        return view[0][b + ko[0]:b + ko[1]]
 
     def close(self) -> None:
         try:
@@ -599,15 +595,15 @@ def _scan_tables_forward(tables: Iterable[tuple[TableReader, int | None]], lower
         first = True
         while bi < n:
             view = reader.block(bi)
-            data, m, keys = view[0], view[1], view[5]
+            data, m, keys, b = view[0], view[1], view[5], view[8]
             ko = key_offsets(view) if keys is None else None
             tags, vo = block_arrays(view)
             start = block_seek(view, lower, ko) if first and lower is not None else 0
             first = False
-            last = keys[-1] if keys is not None else data[ko[m - 1]:ko[m]]  # type: ignore[index]
+            last = keys[-1] if keys is not None else data[b + ko[m - 1]:b + ko[m]]  # type: ignore[index]
             bounded = upper is not None and last >= upper
             for j in range(start, m):
-                k = keys[j] if keys is not None else data[ko[j]:ko[j + 1]]  # type: ignore[index]
+                k = keys[j] if keys is not None else data[b + ko[j]:b + ko[j + 1]]  # type: ignore[index]
                 if k == prev:
                     continue
                 if bounded and k >= upper:  # type: ignore[operator]
@@ -618,9 +614,9 @@ def _scan_tables_forward(tables: Iterable[tuple[TableReader, int | None]], lower
                 prev = k
                 if tag & 0xFF:
                     if live:
-                        yield k, data[vo[j]:vo[j + 1]]  # type: ignore[misc]
+                        yield k, data[b + vo[j]:b + vo[j + 1]]  # type: ignore[misc]
                     else:
-                        yield k, rank, data[vo[j]:vo[j + 1]]
+                        yield k, rank, data[b + vo[j]:b + vo[j + 1]]
                 elif not live:
                     yield k, rank, None
             bi += 1
@@ -636,11 +632,11 @@ def _scan_tables_reverse(tables: Iterable[tuple[TableReader, int | None]], lower
         bi = min(bisect_left(reader.index_keys, upper), last) if upper is not None else last
         while bi >= 0:
             view = reader.block(bi)
-            data, m, keys = view[0], view[1], view[5]
+            data, m, keys, b = view[0], view[1], view[5], view[8]
             ko = key_offsets(view) if keys is None else None
             tags, vo = block_arrays(view)
             for j in range(m - 1, -1, -1):
-                k = keys[j] if keys is not None else data[ko[j]:ko[j + 1]]  # type: ignore[index]
+                k = keys[j] if keys is not None else data[b + ko[j]:b + ko[j + 1]]  # type: ignore[index]
                 if upper is not None and k >= upper:
                     continue
                 if lower is not None and k < lower:
@@ -656,7 +652,7 @@ def _scan_tables_reverse(tables: Iterable[tuple[TableReader, int | None]], lower
                 if snap is None or tag >> 8 <= snap:
                     # Walking backwards, later hits for the same key are newer versions.
                     have = True
-                    pend_val = data[vo[j]:vo[j + 1]] if tag & 0xFF else None
+                    pend_val = data[b + vo[j]:b + vo[j + 1]] if tag & 0xFF else None
             bi -= 1
     if have:
         yield pend_key, rank, pend_val  # type: ignore[misc]
