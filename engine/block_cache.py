@@ -1,7 +1,7 @@
-"""An LRU cache of decoded SST blocks with a byte budget.
+"""An LRU cache of checked SST block views with a byte budget.
 
-Keys are ints (table number and block index packed together), values are decoded
-blocks, each charged an estimate of its memory. Invariant: after every insert the
+Keys are ints (table number and block index packed together), values are block
+views (engine/sst.py), each charged an estimate of its memory. Invariant: after every insert the
 total charge is within the budget (a single block larger than the budget is not
 kept). Lookups take no lock; the GIL makes each OrderedDict call atomic and a lost
 recency update only affects which block is evicted next.
