@@ -60,7 +60,8 @@ COUNTERS = ("flushes", "compactions", "trivial_moves")
 TOTALS: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
 
-def make_options(compression: str, background_processes: bool) -> Options:
+def make_options(compression: str, background_processes: bool, block_size: int = 256,
+                 bloom_bits: int = 10) -> Options:
     return Options(
         create_if_missing=True,
         background_processes=background_processes,
@@ -69,9 +70,9 @@ def make_options(compression: str, background_processes: bool) -> Options:
         max_bytes_for_level_base=8 * 1024,
         max_bytes_for_level_multiplier=2,
         level0_file_num_compaction_trigger=2,
-        block_size=256,
+        block_size=block_size,
         block_cache_size=16 * 1024,
-        bloom_bits_per_key=10,
+        bloom_bits_per_key=bloom_bits,
         compression=compression,
     )
 
@@ -297,11 +298,19 @@ class EngineModel(RuleBasedStateMachine):
         self.db.compact_range(begin, end)
         self._note_levels()
 
-    @rule()
-    def reopen(self) -> None:
+    @rule(
+        compression=st.sampled_from(["none", "zlib"]),
+        block_size=st.sampled_from([256, 1024]),
+        bloom_bits=st.sampled_from([10, 0]),
+    )
+    def reopen(self, compression: str, block_size: int, bloom_bits: int) -> None:
+        """Close and reopen, possibly with other table options: old tables keep being read
+        with the settings they were written with."""
         # Snapshots do not survive a close; their readers are released first.
         self._release_all()
         self._close()
+        self.options = make_options(compression, self.options.background_processes,
+                                    block_size, bloom_bits)
         self.db = DB.open(self.path, self.options)
         self.db.check()
         self._note_levels()
@@ -325,8 +334,8 @@ def test_engine_matches_dict_model() -> None:
     run_state_machine_as_test(
         EngineModel,
         settings=settings(
-            max_examples=25,
-            stateful_step_count=40,
+            max_examples=60,
+            stateful_step_count=50,
             deadline=None,
             derandomize=True,
             database=None,
