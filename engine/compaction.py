@@ -1,7 +1,8 @@
 """Choosing compactions and the jobs that build tables (flush and compaction).
 
 Leveled compaction: level 0 is compacted into level 1 when it holds
-``level0_file_num_compaction_trigger`` files; level L >= 1 is compacted into L + 1
+``level0_file_num_compaction_trigger`` files or more bytes than
+``max_bytes_for_level_base``; level L >= 1 is compacted into L + 1
 when its bytes exceed ``max_bytes_for_level_base * multiplier ** (L - 1)``. A file
 is picked only when neither it nor any file it would merge with is already being
 compacted (the caller's ``busy`` set). Job functions take only plain data and paths
@@ -68,7 +69,11 @@ class CompactionPicker:
         return self.level_base * self.multiplier ** (level - 1)
 
     def scores(self, version: Version) -> list[tuple[float, int]]:
-        out = [(len(version.levels[0]) / self.l0_trigger, 0)]
+        # Level 0 is due by file count, or (as in RocksDB) once it holds more bytes
+        # than level 1 may: a few large flushes then do not pile up unmerged.
+        l0 = version.levels[0]
+        out = [(max(len(l0) / self.l0_trigger,
+                    version.level_bytes(0) / self.level_base if l0 else 0.0), 0)]
         for level in range(1, self.num_levels - 1):
             out.append((version.level_bytes(level) / self.max_bytes(level), level))
         return sorted(out, reverse=True)

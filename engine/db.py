@@ -67,7 +67,7 @@ _NO_SNAPSHOT = -1
 # WAL space reserved ahead of the writes, so synced writes rarely change the size.
 WAL_PREALLOCATE = 1 << 20
 # How far past write_buffer_size the active memtable may grow while flushes run.
-MEMTABLE_OVERRUN = 2.0
+MEMTABLE_OVERRUN = 1.5
 # Compaction children run below flushes and the foreground on a shared machine.
 COMPACTION_NICENESS = 10
 
