@@ -143,6 +143,10 @@ class Adapter:
     def seek(self, key: bytes) -> Iterator[tuple[bytes, bytes]]:
         raise NotImplementedError
 
+    def counters(self) -> dict | None:
+        """The engine's own counters (flushes, compactions, stalls), where it keeps them."""
+        return None
+
 
 class LsmdbAdapter(Adapter):
     name = "lsmdb"
@@ -181,6 +185,10 @@ class LsmdbAdapter(Adapter):
 
     def seek(self, key: bytes) -> Iterator[tuple[bytes, bytes]]:
         return iter(self.db.iterator(lower=key))
+
+    def counters(self) -> dict | None:
+        stats = self.db.property("stats")
+        return {k: v for k, v in stats.items() if isinstance(v, int)}
 
 
 class RocksdbAdapter(Adapter):
@@ -462,6 +470,11 @@ def run_engine(adapter: Adapter, root: Path, num: int, reads: int, seeks: int, s
     record("fillbatch", timed_batches(adapter, order, values))
     order = permutation(num, seed + 3)
     record("overwrite", timed_puts(adapter.put, order, rewrites))
+    counters = adapter.counters()
+    if counters is not None:
+        shown = ", ".join(f"{k}={v}" for k, v in counters.items()
+                          if k in ("flushes", "compactions", "trivial_moves", "stall_waits"))
+        print(f"  {adapter.name:8} counters after the fills in this DB: {shown}", flush=True)
     adapter.close()
 
     # Reads run on a freshly reopened DB: nothing left in a memtable from the writes.
@@ -512,7 +525,7 @@ def run_engine(adapter: Adapter, root: Path, num: int, reads: int, seeks: int, s
     adapter.close()
     shutil.rmtree(path)
 
-    return {"results": results, "disk": disk}
+    return {"results": results, "disk": disk, "counters": counters}
 
 
 def child_main(args: argparse.Namespace) -> int:
