@@ -606,7 +606,21 @@ class Vault:
     # creates a file in an open one: one name, told apart by how it is reached
     create = _ClassOrInstance(create_vault, create_file)
 
-    # -- keys -----------------------------------------------------------------------
+    # -- keys ----------------------------------------------------------------------
+
+    def rotation_due(self, now: float | None = None) -> bool:
+        """Is the active data key older than the vault's rotation period?"""
+        days = float(self.options.get("rotation_period_days", 0) or 0)
+        if days <= 0:
+            return False
+        now = time.time() if now is None else now
+        return now - self.keys.active.created >= days * 86400
+
+    def rotate_if_due(self, now: float | None = None) -> int | None:
+        """Rotate the data key when the rotation period has passed; the new key's id."""
+        return self.keys.rotate() if self.rotation_due(now) else None
+
+    # -- key retirement ---------------------------------------------------------------
 
     def retire_unused_keys(self) -> list[int]:
         """Drop data keys that no entry or pending intent uses (never the active one)."""

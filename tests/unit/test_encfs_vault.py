@@ -429,3 +429,14 @@ def test_flush_after_the_directory_itself_is_gone(tmp_path, source, vault):
     vault.close()  # fsyncs the nearest directory still there, then writes the DEL
     with Vault.open(tmp_path / "vault", source) as v:
         assert not v.files.entries and not v.recovery.stale
+
+
+def test_rotation_period(vault):
+    created = vault.keys.active.created
+    assert vault.options["rotation_period_days"] == 7
+    assert not vault.rotation_due(created + 6 * 86400)
+    assert vault.rotate_if_due(created + 6 * 86400) is None
+    new_id = vault.rotate_if_due(created + 7 * 86400)
+    assert new_id == 2 and vault.keys.active_id == 2
+    vault.options["rotation_period_days"] = 0  # off
+    assert not vault.rotation_due(created + 1000 * 86400)
