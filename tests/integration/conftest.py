@@ -76,7 +76,9 @@ def run_tdefs(*args: str | os.PathLike, env: dict | None = None, check: bool = T
 
 
 def is_mounted(mountpoint: Path) -> bool:
-    target = os.path.realpath(mountpoint)
+    # resolve only the parent: stat'ing the mountpoint itself can hang on a stuck daemon
+    target = os.path.join(os.path.realpath(os.path.dirname(mountpoint)),
+                          os.path.basename(mountpoint))
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == target for line in f)
 
