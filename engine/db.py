@@ -68,6 +68,14 @@ _NO_SNAPSHOT = -1
 WAL_PREALLOCATE = 1 << 20
 # How far past write_buffer_size the active memtable may grow while flushes run.
 MEMTABLE_OVERRUN = 1.5
+# Writes into an overrunning memtable are paced at this fraction of the last
+# flush's speed (bytes of memtable per second), so the flush usually finishes
+# before the hard limit and writers pay many short sleeps instead of one long wait.
+FLUSH_PACE = 0.8
+# The pace before any flush has been timed (RocksDB's default delayed_write_rate).
+DEFAULT_DELAYED_WRITE_RATE = 16 << 20
+# Pacing sleeps are taken once the owed delay reaches this, not per write.
+MIN_DELAY_SLEEP = 0.001
 # Compaction children run below flushes and the foreground on a shared machine.
 COMPACTION_NICENESS = 10
 
@@ -150,8 +158,14 @@ class DB:
         self._running_compactions = 0
         self._manual_compactions = 0
         self._threads: list[threading.Thread] = []
+        # Writers call _delay() while level 0 is behind (_l0_slow) or the active
+        # memtable overruns while every immutable slot flushes (_paced).
         self._slowdown = False
+        self._l0_slow = False
+        self._paced = False
         self._write_count = 0
+        self._delayed_write_rate = float(DEFAULT_DELAYED_WRITE_RATE)
+        self._pace_until = 0.0
         self._lock_file: int | None = None
         # Table numbers allocated to a flush or compaction but not yet installed.
         self._pending_tables: frozenset[int] = frozenset()
@@ -338,7 +352,8 @@ class DB:
     def _publish(self, version: Version) -> None:
         """Make ``version`` and the memtables visible to readers (caller may hold _lock)."""
         self._sv = (self._mem, tuple(reversed(self._imms)), version)
-        self._slowdown = len(version.levels[0]) >= self.options.level0_slowdown_writes_trigger
+        self._l0_slow = len(version.levels[0]) >= self.options.level0_slowdown_writes_trigger
+        self._slowdown = self._l0_slow or self._paced
 
     # --------------------------------------------------------------- writes
 
@@ -355,7 +370,7 @@ class DB:
         if type(value) is not bytes:
             value = _as_bytes(value, "value")
         if self._slowdown:
-            self._delay()
+            self._delay(len(key) + len(value) + ENTRY_OVERHEAD)
         with self._lock:
             if self._closed or self._bg_error is not None:
                 self._check_writable()
@@ -392,7 +407,8 @@ class DB:
                     self._sync_wal()
             return
         if self._slowdown:
-            self._delay()
+            self._delay(sum(len(k) + (len(v) if v is not None else 0) + ENTRY_OVERHEAD
+                            for k, v in ops))
         with self._lock:
             self._apply(ops, sync)
 
@@ -407,7 +423,7 @@ class DB:
         begin = _as_bytes(begin, "begin")
         end = _as_bytes(end, "end")
         if self._slowdown:
-            self._delay()
+            self._delay(0)
         with self._lock:
             if self._closed or self._bg_error is not None:
                 self._check_writable()
@@ -468,8 +484,21 @@ class DB:
             sync_dir(self.path)
             self._wal_dir_synced = True
 
-    def _delay(self) -> None:
-        """Slow writers down while level 0 piles up, so compaction can catch up."""
+    def _delay(self, nbytes: int) -> None:
+        """Slow writers down while level 0 piles up, so compaction can catch up, and
+        pace them while the memtable overruns, so the flush can catch up.
+
+        Pacing is a token bucket: each write moves ``_pace_until`` on by its bytes
+        at the delayed write rate, and the writer sleeps only once it is at least
+        ``MIN_DELAY_SLEEP`` ahead of the clock.
+        """
+        if self._paced:
+            now = time.monotonic()
+            until = max(self._pace_until, now) + nbytes / self._delayed_write_rate
+            self._pace_until = until
+            if until - now >= MIN_DELAY_SLEEP:
+                time.sleep(until - now)
+            return
         self._write_count += 1
         if self._write_count % 32 == 0:
             time.sleep(0.001)
@@ -490,6 +519,8 @@ class DB:
                 raise DBClosed(f"{self.path}: database is closed")
             if len(self._imms) >= opts.max_write_buffer_number - 1:
                 if not force and self._mem.size < opts.write_buffer_size * MEMTABLE_OVERRUN:
+                    if not self._paced:
+                        self._paced = self._slowdown = True
                     return
                 self.stats["stall_waits"] += 1
                 self._cond.wait(1.0)
@@ -511,6 +542,7 @@ class DB:
         self._wal_dir_synced = False
         self._imms.append(self._mem)
         self._mem = MemTable(number)
+        self._paced = False
         self._publish(self._sv[2])
         self._cond.notify_all()
 
@@ -731,8 +763,12 @@ class DB:
             self._pending_tables = self._pending_tables | {number}
         path = self._file(table_name(number))
         try:
+            started = time.monotonic()
             stats = run_job(flush_job, imm, path, opts.block_size, opts.compression,
                             opts.bloom_bits_per_key, isolated=opts.background_processes)
+            elapsed = time.monotonic() - started
+            if elapsed > 0 and imm.size:
+                self._delayed_write_rate = max(FLUSH_PACE * imm.size / elapsed, 1 << 20)
             f = FileMeta(number, stats["size"], stats["smallest"], stats["largest"],
                          stats["smallest_seq"], stats["largest_seq"], 0, stats["num_entries"])
             self._open_reader(f)
