@@ -13,7 +13,7 @@ def test_memtable_replaces_versions_no_snapshot_needs():
     m = MemTable(1)
     m.add(1, b"k", b"a", -1)
     m.add(2, b"k", b"b", -1)
-    assert m.values == {b"k": b"b"} and m.seqs == {b"k": 2} and not m.older
+    assert m.values == {b"k": b"b"} and m.seqs[b"k"] == 2 and not m.older
     assert m.get(b"k") == (True, b"b")
     assert m.get(b"k", 1) == (False, None)
 
