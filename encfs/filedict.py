@@ -434,12 +434,14 @@ class FileDictionary:
             self.rewrite()
         return seq
 
-    def begin(self, rule: int, src: bytes, src_ino: int, ops: Sequence[Op]) -> int:
-        """Durably record an intent whose ``ops`` apply on COMMIT; returns its txid."""
+    def begin(self, rule: int, src: bytes, src_ino: int, ops: Sequence[Op], *,
+              sync: bool = True) -> int:
+        """Record an intent whose ``ops`` apply on COMMIT (durably unless ``sync`` is
+        False); returns its txid."""
         with self._lock:
             txid = self._next_txid
             self._next_txid += 1
-        self.append([("begin", txid, rule, src, src_ino), *ops])
+        self.append([("begin", txid, rule, src, src_ino), *ops], sync=sync)
         return txid
 
     def sync(self, seq: int | None = None) -> None:

@@ -60,7 +60,15 @@ KEYS_DICT = "keys.dict"
 FILES_DICT = "files.dict"
 FORMAT_VERSION = 1
 MAC_KEY_LABEL = b"tdefs files.dict mac v1"
-DEFAULT_OPTIONS: dict[str, Any] = {"rotation_period_days": 7, "reencrypt_rate_mb": 16}
+DEFAULT_OPTIONS: dict[str, Any] = {"rotation_period_days": 7, "reencrypt_rate_mb": 16,
+                                   "durability": "strict"}
+# "strict": every ordering step is an fsync, so invariants 1-3 hold after a power cut
+# on any POSIX filesystem. "ordered": no fsync between the steps; they are written in
+# order and the filesystem is trusted to persist metadata and appended data in that
+# order (ext4 with data=ordered, the default, without fast_commit). A process crash
+# is handled the same in both; the log is made durable by vault.sync() (the mount calls
+# it on fsync), close(), and any strict step.
+DURABILITY_MODES = ("strict", "ordered")
 _CIPHER_CACHE_MAX = 1 << 16
 _STALE_PER_RECORD = 4096
 # unlinks whose DEL waits for a directory fsync; past this many they are flushed
@@ -122,6 +130,7 @@ class Vault:
         self.keys = keys
         self.files = files
         self.recovery = RecoveryReport()
+        self._strict = self.options.get("durability", "strict") == "strict"
         keys.usage = files.count_by_key
         self._ciphers: dict[FileInfo, FileCipher] = {}
         # paths (and directory prefixes) inside an unfinished rename or truncate:
@@ -133,10 +142,12 @@ class Vault:
 
     @classmethod
     def create_vault(cls, backing: str | Path, source: MasterKeySource,
-                     method: str = DEFAULT_METHOD) -> Vault:
+                     method: str = DEFAULT_METHOD, durability: str = "strict") -> Vault:
         """Make a vault in ``backing`` (created if missing; existing files stay
         plaintext). Refuses a non-empty ``.tdefs/``. A crash leaves no half vault."""
         check_method(method)
+        if durability not in DURABILITY_MODES:
+            raise VaultError(f"unknown durability {durability!r} (choose from {', '.join(DURABILITY_MODES)})")
         source.check()
         root = Path(os.path.abspath(backing))
         try:
@@ -155,7 +166,7 @@ class Vault:
             shutil.rmtree(staging)  # left by an init that crashed before publishing
         staging.mkdir(mode=0o700)
         try:
-            cls._write_metadata(staging, root, source, method)
+            cls._write_metadata(staging, root, source, method, durability)
             fsync_dir(staging)
             failpoint("init.before-publish")
             os.rename(staging, meta)  # replaces an empty .tdefs/ too
@@ -166,13 +177,14 @@ class Vault:
         return cls.open(root, source)
 
     @staticmethod
-    def _write_metadata(staging: Path, root: Path, source: MasterKeySource, method: str) -> None:
+    def _write_metadata(staging: Path, root: Path, source: MasterKeySource, method: str,
+                        durability: str) -> None:
         keys = KeyStore.create(staging / KEYS_DICT, source, method, vault=str(root))
         FileDictionary.create(staging / FILES_DICT, keys.derive(MAC_KEY_LABEL))
         config = {
             "format": FORMAT_VERSION,
             "method": method,
-            "options": dict(DEFAULT_OPTIONS),
+            "options": {**DEFAULT_OPTIONS, "durability": durability},
             "created": int(time.time()),
         }
         fd = os.open(staging / VAULT_JSON, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -206,7 +218,11 @@ class Vault:
             if config["format"] != FORMAT_VERSION:
                 raise VaultError(f"{meta / VAULT_JSON}: format {config['format']} is not supported")
             check_method(config["method"])
-        except (ValueError, KeyError, TypeError) as exc:
+            durability = config.get("options", {}).get("durability", "strict")
+            if durability not in DURABILITY_MODES:
+                raise ValueError(f"unknown durability {durability!r} (choose from"
+                                 f" {', '.join(DURABILITY_MODES)})")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise VaultError(f"{meta / VAULT_JSON} is malformed ({exc})") from None
         lock_fd = os.open(meta, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -230,6 +246,11 @@ class Vault:
             vault.close()
             raise
         return vault
+
+    def sync(self) -> None:
+        """Make every dictionary record written so far durable (call before fsyncing
+        a backing file: in "ordered" mode nothing else syncs the log)."""
+        self.files.sync()
 
     def close(self) -> None:
         """Make every record durable and release the vault."""
@@ -389,7 +410,7 @@ class Vault:
         info = self._new_info()
         previous = self.files.entries.get(rel)
         self._settle(rel)
-        self.files.append([("put", rel, info)])
+        self.files.append([("put", rel, info)], sync=self._strict)
         failpoint("create.after-new")
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
@@ -425,14 +446,15 @@ class Vault:
         """Make the deferred unlinks durable (one fsync per directory), then write
         their DELs."""
         paths = list(self.files.deferred)
-        for d in {_parent(p) for p in paths}:
-            self._fsync_nearest_dir(d)
+        if self._strict:
+            for d in {_parent(p) for p in paths}:
+                self._fsync_nearest_dir(d)
         failpoint("deletes.after-fsync")
         self.files.append_deferred(paths)
 
     def _settle(self, rel: bytes) -> None:
         """Before a file may appear at ``rel`` again, make its deferred unlink durable."""
-        if rel in self.files.deferred:
+        if self._strict and rel in self.files.deferred:
             self._fsync_nearest_dir(_parent(rel))
 
     def _clear_name(self, rel: bytes) -> None:
@@ -440,7 +462,7 @@ class Vault:
         entry, stale or deferred, can apply to it, even after a power cut."""
         if rel in self.files.entries or rel in self.files.deferred:
             self._settle(rel)
-            self.files.append([("del", rel)])
+            self.files.append([("del", rel)], sync=self._strict)
 
     def _dir(self, rel_dir: bytes) -> bytes:
         return self._abs(rel_dir) if rel_dir else self._root_b
@@ -474,7 +496,7 @@ class Vault:
         if os.path.lexists(dp):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dp))
         self._settle(dst)
-        self.files.append([("put", dst, info)])
+        self.files.append([("put", dst, info)], sync=self._strict)
         failpoint("link.after-new")
         try:
             os.link(sp, dp, follow_symlinks=False)
@@ -497,7 +519,8 @@ class Vault:
                     raise
             try:
                 os.ftruncate(fd, 0)
-                os.fsync(fd)  # the new IV must never be durable while old bytes are
+                if self._strict:
+                    os.fsync(fd)  # the new IV must never be durable while old bytes are
                 nlink = os.fstat(fd).st_nlink
             finally:
                 if own:
@@ -508,10 +531,10 @@ class Vault:
                 return PLAINTEXT if info is None else self._cipher(info)
             if self.method == "plaintext":
                 if info is not None:
-                    self.files.append([("del", rel)])
+                    self.files.append([("del", rel)], sync=self._strict)
                 return PLAINTEXT
             new = self._new_info()
-            self.files.append([("put", rel, new)])
+            self.files.append([("put", rel, new)], sync=self._strict)
             return self._cipher(new)
 
     def rename(self, src: bytes, dst: bytes, flags: int = 0) -> None:
@@ -549,10 +572,11 @@ class Vault:
         rule = RULE_SRC_REPLACED if exchange else RULE_SRC_GONE
         # unlinks deferred inside a directory being moved (or replaced) must be durable
         # first: the fsyncs below cover only the parents of src and dst
-        for d in {_parent(p) for p in (*self.files.deferred_at_or_under(src),
-                                       *self.files.deferred_at_or_under(dst))} - {_parent(src), _parent(dst)}:
-            self._fsync_nearest_dir(d)
-        txid = self.files.begin(rule, src, st_src.st_ino, ops)
+        if self._strict:
+            for d in {_parent(p) for p in (*self.files.deferred_at_or_under(src),
+                                           *self.files.deferred_at_or_under(dst))} - {_parent(src), _parent(dst)}:
+                self._fsync_nearest_dir(d)
+        txid = self.files.begin(rule, src, st_src.st_ino, ops, sync=self._strict)
         failpoint("rename.after-intent")
         # until the COMMIT is applied the entries describe the tree before the rename:
         # lookups of these names wait from the rename on (the intent, already durable,
@@ -568,8 +592,9 @@ class Vault:
             # same fsyncs make earlier unlinks there durable, so their DELs can go too
             parents = {_parent(src), _parent(dst)}
             settled = self.files.deferred_in(parents)
-            for d in parents:
-                fsync_dir(self._dir(d))
+            if self._strict:
+                for d in parents:
+                    fsync_dir(self._dir(d))
             # not synced: until a later sync carries it, a crash leaves the intent,
             # which recovery resolves by the tree to the same answer
             self.files.append_deferred(settled, extra=[("commit", txid)])

@@ -31,6 +31,10 @@ def register(sub: Any) -> None:
                    help=f"cipher of new files (default {DEFAULT_METHOD})")
     p.add_argument("--generate-key", action="store_true",
                    help="with --key-file: write a new random key file (mode 0600) if it does not exist")
+    p.add_argument("--durability", choices=("strict", "ordered"), default="strict",
+                   help="strict (default): fsync between the steps of every file operation, safe"
+                        " after a power cut on any filesystem; ordered: no fsync between them,"
+                        " relying on the filesystem to keep their order (ext4 data=ordered)")
     p.set_defaults(func=_init)
 
     p = sub.add_parser("fsck", help="check a vault's dictionary against its tree (offline)")
@@ -63,7 +67,7 @@ def _init(args: argparse.Namespace) -> int:
             generate_key_file(args.key_file)
             print(f"wrote a new master key to {args.key_file} (mode 0600); keep a copy somewhere safe")
     source = source_from_args(args, confirm=True)
-    vault = Vault.create(args.backing, source, method=args.method)
+    vault = Vault.create(args.backing, source, method=args.method, durability=args.durability)
     try:
         print(f"initialised vault {vault.root} (cipher {vault.method}, master key: {source.kind})")
     finally:

@@ -143,3 +143,18 @@ def test_keys_rekey_changes_the_master_key(initialised, capsys):
         fd = os.open(backing / "a", os.O_RDONLY)
         assert content.read_at(fd, v.cipher_for(b"a"), 100, 0) == b"A" * 20
         os.close(fd)
+
+
+def test_init_durability_option(tmp_path, capsys):
+    import json
+
+    key = tmp_path / "k"
+    code, _, _ = run(capsys, "init", str(tmp_path / "v"), "--key-file", str(key), "--generate-key",
+                     "--durability", "ordered")
+    assert code == 0
+    config = json.loads((tmp_path / "v" / ".tdefs" / "vault.json").read_text())
+    assert config["options"]["durability"] == "ordered"
+    config["options"]["durability"] = "sloppy"
+    (tmp_path / "v" / ".tdefs" / "vault.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "keys", "list", str(tmp_path / "v"), "--key-file", str(key))
+    assert code == 1 and "unknown durability" in err

@@ -20,10 +20,11 @@ from encfs.vault import Vault
 
 
 @pytest.fixture
-def traced(tmp_path, monkeypatch):
+def traced(tmp_path, monkeypatch, request):
     key = tmp_path / "k"
     generate_key_file(key)
-    vault = Vault.create(tmp_path / "v", MasterKeySource.key_file(key))
+    durability = getattr(request, "param", "strict")
+    vault = Vault.create(tmp_path / "v", MasterKeySource.key_file(key), durability=durability)
     os.mkdir(vault.root / "d")
     for rel in (b"a", b"b", b"d/x"):
         fd, _ = vault.create(rel, os.O_WRONLY, 0o644)
@@ -133,3 +134,19 @@ def test_rename_intent_then_rename_then_durable_rename_then_commit(traced, src, 
     vault.rename(src, dst, flags)
     # the COMMIT is not synced: an intent without it resolves by the tree alike
     assert log == ["log.write", "log.sync", "rename", *["dir.fsync"] * dirs, "log.write"]
+
+
+@pytest.mark.parametrize("traced", ["ordered"], indirect=True)
+def test_ordered_mode_writes_in_order_without_syncing(traced):
+    vault, log = traced
+    os.close(vault.create(b"new", os.O_WRONLY, 0o644)[0])
+    vault.rename(b"a", b"b")
+    vault.link(b"b", b"c")
+    vault.truncate_to_zero(b"new")
+    vault.unlink(b"c")
+    vault.flush_deletes()
+    assert log == ["log.write", "create", "log.write", "rename", "log.write", "log.write", "link",
+                   "truncate", "log.write", "unlink", "log.write"]
+    del log[:]
+    vault.sync()
+    assert log == ["log.sync"]
