@@ -387,6 +387,7 @@ class VaultFS(pyfuse3.Operations):
             raise _fail(errno.EBADF)
         fd = os.open(self._abs(d.inode.any_path()), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            await self._io(self.vault.sync)
             await self._io(os.fsync, fd)
         finally:
             os.close(fd)
@@ -581,6 +582,9 @@ class VaultFS(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
         self._restore_mtime(h.inode, h.fd)
+        # the file's dictionary entry must be on disk no later than its data (in the
+        # vault's "ordered" durability mode nothing else syncs the log)
+        await self._io(self.vault.sync)
         await self._io(os.fdatasync if datasync else os.fsync, h.fd)
 
     # ------------------------------------------------------------ the rest
