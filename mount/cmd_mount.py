@@ -25,8 +25,12 @@ def register(sub: Any) -> None:
     p.add_argument("--log", type=Path, metavar="FILE", help="append the daemon's log to FILE")
     p.add_argument("--no-writeback-cache", action="store_true",
                    help="send every write to the daemon at once instead of caching it in the kernel")
-    p.add_argument("--no-xattrs", action="store_true",
-                   help="no extended attributes (ENOTSUP); spares one request per write(2)")
+    xattrs = p.add_mutually_exclusive_group()
+    xattrs.add_argument("--xattrs", dest="xattrs", action="store_true", default=False,
+                        help="pass extended attributes through; costs the kernel's "
+                             "security.capability request before every write(2)")
+    xattrs.add_argument("--no-xattrs", dest="xattrs", action="store_false",
+                        help="no extended attributes (ENOTSUP), the default")
     p.set_defaults(func=_mount)
 
     p = sub.add_parser("umount", help="flush and unmount (also cleans up after a dead daemon)")
@@ -53,7 +57,7 @@ def _mount(args: argparse.Namespace) -> int:
                        source=source_from_args(args), foreground=args.foreground,
                        allow_other=args.allow_other, log_file=args.log,
                        writeback_cache=not args.no_writeback_cache,
-                       xattrs=not args.no_xattrs)
+                       xattrs=args.xattrs)
     return mount(req)
 
 

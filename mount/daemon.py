@@ -56,7 +56,7 @@ class MountRequest:
     allow_other: bool = False
     log_file: Path | None = None
     writeback_cache: bool = True
-    xattrs: bool = True
+    xattrs: bool = False
 
 
 # ------------------------------------------------------------------ mount table

@@ -665,7 +665,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peers", default="",
                         help="other encrypting filesystems to compare with: gocryptfs")
     parser.add_argument("--mount-option", action="append", default=[], metavar="OPT",
-                        help="pass OPT to `tdefs mount` (repeatable), e.g. --mount-option=--no-xattrs")
+                        help="pass OPT to `tdefs mount` (repeatable), e.g. --mount-option=--xattrs")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run every workload N times and keep the best figure (default 1)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")

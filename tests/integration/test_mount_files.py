@@ -253,7 +253,7 @@ def test_remount_reads_everything_back(tmp_path: Path) -> None:
     v = make_vault(tmp_path)
     rng = random.Random(7)
     files = {f"d{i % 3}/sub{i % 2}/f{i}": rng.randbytes(rng.randrange(0, 300000)) for i in range(30)}
-    with mounted_at(v):
+    with mounted_at(v, extra=("--xattrs",)):
         m = v.mountpoint
         for rel, data in files.items():
             (m / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,7 @@ def test_remount_reads_everything_back(tmp_path: Path) -> None:
             f.seek(100)
             f.write(b"late write")
         files["d1/sub1/f1"] = files["d1/sub1/f1"][:100] + b"late write" + files["d1/sub1/f1"][110:]
-    with mounted_at(v):
+    with mounted_at(v, extra=("--xattrs",)):
         m = v.mountpoint
         for rel, data in files.items():
             assert (m / rel).read_bytes() == data, rel

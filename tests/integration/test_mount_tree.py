@@ -19,7 +19,7 @@ from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 def mnt(tmp_path_factory) -> VaultPaths:
     require_fuse()
     v = make_vault(tmp_path_factory.mktemp("tree"))
-    with mounted_at(v):
+    with mounted_at(v, extra=("--xattrs",)):
         yield v
 
 
@@ -287,9 +287,9 @@ def test_write_drops_file_capabilities(d) -> None:
     assert exc.value.errno == errno.ENODATA
 
 
-def test_no_xattrs_option(tmp_path) -> None:
+def test_xattrs_are_off_by_default(tmp_path) -> None:
     v = make_vault(tmp_path)
-    with mounted_at(v, extra=("--no-xattrs",)):
+    with mounted_at(v):
         f = v.mountpoint / "f"
         f.write_bytes(b"contents")
         for attempt in (lambda: os.setxattr(f, "user.a", b"1"),
