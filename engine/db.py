@@ -68,12 +68,14 @@ _NO_SNAPSHOT = -1
 WAL_PREALLOCATE = 1 << 20
 # How far past write_buffer_size the active memtable may grow while flushes run.
 MEMTABLE_OVERRUN = 1.5
-# Writes into an overrunning memtable are paced at this fraction of the last
-# flush's speed (bytes of memtable per second), so the flush usually finishes
-# before the hard limit and writers pay many short sleeps instead of one long wait.
-FLUSH_PACE = 0.8
-# The pace before any flush has been timed (RocksDB's default delayed_write_rate).
-DEFAULT_DELAYED_WRITE_RATE = 16 << 20
+# Writes into an overrunning memtable are paced only as much as needed for the
+# remaining room (up to the hard limit) to last until the running flush is
+# expected to end, judged by the last flush's speed (bytes of memtable per second):
+# many short sleeps instead of one long wait, and none when writers are slow enough.
+# A flush running late is expected to need at least this fraction of its estimate more.
+FLUSH_LATE_FRACTION = 0.25
+# The flush speed assumed before any flush has been timed.
+DEFAULT_FLUSH_RATE = 16 << 20
 # Pacing sleeps are taken once the owed delay reaches this, not per write.
 MIN_DELAY_SLEEP = 0.001
 # Compaction children run below flushes and the foreground on a shared machine.
@@ -164,7 +166,10 @@ class DB:
         self._l0_slow = False
         self._paced = False
         self._write_count = 0
-        self._delayed_write_rate = float(DEFAULT_DELAYED_WRITE_RATE)
+        self._flush_rate = float(DEFAULT_FLUSH_RATE)
+        # When the running flush is expected to end, and how long it should take.
+        self._flush_deadline = 0.0
+        self._flush_estimate = 0.0
         self._pace_until = 0.0
         self._lock_file: int | None = None
         # Table numbers allocated to a flush or compaction but not yet installed.
@@ -488,13 +493,20 @@ class DB:
         """Slow writers down while level 0 piles up, so compaction can catch up, and
         pace them while the memtable overruns, so the flush can catch up.
 
-        Pacing is a token bucket: each write moves ``_pace_until`` on by its bytes
-        at the delayed write rate, and the writer sleeps only once it is at least
-        ``MIN_DELAY_SLEEP`` ahead of the clock.
+        Pacing is a token bucket whose rate is the room left before the hard limit
+        over the time the flush should still take: each write moves ``_pace_until``
+        on by its bytes at that rate, and the writer sleeps only once it is at least
+        ``MIN_DELAY_SLEEP`` ahead of the clock (so writers slower than the rate
+        never sleep).
         """
         if self._paced:
             now = time.monotonic()
-            until = max(self._pace_until, now) + nbytes / self._delayed_write_rate
+            room = self.options.write_buffer_size * MEMTABLE_OVERRUN - self._mem.size
+            if room <= 0:
+                return  # _make_room waits for the flush
+            remaining = max(self._flush_deadline - now,
+                            FLUSH_LATE_FRACTION * self._flush_estimate, MIN_DELAY_SLEEP)
+            until = max(self._pace_until, now) + nbytes * remaining / room
             self._pace_until = until
             if until - now >= MIN_DELAY_SLEEP:
                 time.sleep(until - now)
@@ -764,11 +776,13 @@ class DB:
         path = self._file(table_name(number))
         try:
             started = time.monotonic()
+            self._flush_estimate = imm.size / self._flush_rate
+            self._flush_deadline = started + self._flush_estimate
             stats = run_job(flush_job, imm, path, opts.block_size, opts.compression,
                             opts.bloom_bits_per_key, isolated=opts.background_processes)
             elapsed = time.monotonic() - started
             if elapsed > 0 and imm.size:
-                self._delayed_write_rate = max(FLUSH_PACE * imm.size / elapsed, 1 << 20)
+                self._flush_rate = max(imm.size / elapsed, float(1 << 20))
             f = FileMeta(number, stats["size"], stats["smallest"], stats["largest"],
                          stats["smallest_seq"], stats["largest_seq"], 0, stats["num_entries"])
             self._open_reader(f)

@@ -569,3 +569,43 @@ def test_concurrent_writers_readers_flushes_and_compactions(tmp_path):
         db.close()
     with DB.open(tmp_path / "db", opts) as db2:
         assert dict(db2.iterator()) == expect
+
+
+def test_writes_into_an_overrunning_memtable_are_paced_not_stopped(tmp_path):
+    """While the only immutable slot is still flushing, writes past write_buffer_size
+    sleep in small steps at the delayed write rate; the switch after the flush ends it."""
+    # 20 KiB of paced writes fit below the hard limit of 1.5 x 64 KiB.
+    db = DB.open(str(tmp_path / "db"), small_options(write_buffer_size=64 << 10))
+    release = threading.Event()
+    flush = db._flush_memtable
+
+    def held_flush(imm):
+        release.wait(30)
+        flush(imm)
+
+    db._flush_memtable = held_flush
+    try:
+        value = b"v" * 1000
+        i = 0
+        while not db._imms:  # fill the first memtable; it becomes immutable and stays
+            db.put(b"a%05d" % i, value)
+            i += 1
+        while not db._paced:  # then overrun the active one
+            db.put(b"b%05d" % i, value)
+            i += 1
+        assert db._slowdown and db.stats["stall_waits"] == 0
+        # The held flush is due in 1 s: the ~30 KiB of room left must last that long.
+        db._flush_estimate = 1.0
+        db._flush_deadline = time.monotonic() + 1.0
+        start = time.monotonic()
+        for j in range(15):
+            db.put(b"c%05d" % j, value)
+        # 15 of the ~30 KiB: about half the remaining second is spent in short sleeps.
+        assert time.monotonic() - start >= 0.3
+        assert db.stats["stall_waits"] == 0 and len(db._imms) == 1
+    finally:
+        release.set()
+    db.flush()
+    assert not db._paced and not db._slowdown
+    assert db.get(b"c00014") == value and db.get(b"a00000") == value
+    db.close()
