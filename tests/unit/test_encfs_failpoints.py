@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from encfs import failpoints
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,11 +20,16 @@ def _run(code: str, spec: str) -> subprocess.CompletedProcess:
 
 
 def test_unarmed_is_a_no_op():
-    if os.environ.get(failpoints.ENV_VAR):
-        pytest.skip("failpoints armed in this environment")
-    assert not failpoints.ARMED
-    for name in failpoints.FAILPOINTS:
-        failpoints.failpoint(name)
+    # in a child with the variable unset, whatever this process was started with
+    code = ("from encfs import failpoints\n"
+            "assert not failpoints.ARMED\n"
+            "for name in failpoints.FAILPOINTS:\n    failpoints.failpoint(name)\n"
+            "print('unarmed')\n")
+    env = {k: v for k, v in os.environ.items() if k != failpoints.ENV_VAR}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "unarmed"
 
 
 def test_crash_and_error_actions():
