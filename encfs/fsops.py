@@ -1,4 +1,4 @@
-"""Small durable filesystem primitives: renameat2, directory fsync, atomic replace.
+"""Small durable filesystem primitives: renameat2, directory fsync, syncfs, atomic replace.
 
 ``atomic_replace`` is the one way tdefs replaces a metadata file: write a tmp file
 next to it, fsync it, rename it over the target, fsync the directory. A crash at any
@@ -39,9 +39,20 @@ def renameat2(src: str | bytes | Path, dst: str | bytes | Path, flags: int) -> N
 
 def fsync_dir(path: str | bytes | Path) -> None:
     """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs(path: str | bytes | Path) -> None:
+    """syncfs(2) on the filesystem holding directory ``path``; raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
     finally:
         os.close(fd)
 

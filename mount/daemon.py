@@ -12,7 +12,6 @@ vault; so does `tdefs umount`, which also cleans up after a daemon that died.
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import logging
 import logging.handlers
@@ -30,6 +29,7 @@ import pyfuse3
 import trio
 
 from encfs.errors import TdefsError
+from encfs.fsops import syncfs
 from encfs.masterkey import MasterKeySource
 from encfs.vault import Vault
 from mount import control
@@ -160,18 +160,9 @@ def _setup_logging(log_file: Path | None, foreground: bool) -> None:
     root.handlers[:] = [handler]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def sync_mount(mountpoint: str | os.PathLike) -> None:
     """Push the kernel's dirty pages of the mount down to the daemon (syncfs(2))."""
-    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), str(mountpoint))
-    finally:
-        os.close(fd)
+    syncfs(mountpoint)
 
 
 def fusermount_unmount(mountpoint: str | os.PathLike, lazy: bool = False) -> subprocess.CompletedProcess:

@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from encfs import content
+from encfs.fsops import fsync_dir
 from encfs.vault import META_DIR, Vault
 from mount.inodes import ROOT_INODE, Inode, InodeTable, join, parent_of
 
@@ -385,12 +386,8 @@ class VaultFS(pyfuse3.Operations):
         d = self._dirs.get(fh)
         if d is None:
             raise _fail(errno.EBADF)
-        fd = os.open(self._abs(d.inode.any_path()), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            await self._io(self.vault.sync)
-            await self._io(os.fsync, fd)
-        finally:
-            os.close(fd)
+        await self._io(self.vault.sync)
+        await self._io(fsync_dir, self._abs(d.inode.any_path()))
 
     @_answer_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
