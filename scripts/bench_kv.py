@@ -9,6 +9,8 @@ docs/benchmarks.md (section "bench_kv"); this file and that page must agree.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import itertools
 import json
 import os
@@ -124,15 +126,22 @@ class Adapter:
     """
 
     name = ""
+    module = ""  # the Python module that binds the engine
     put: Callable[[bytes, bytes], object]
     put_sync: Callable[[bytes, bytes], object]
     get: Callable[[bytes], bytes | None]
+
+    def __init__(self) -> None:
+        try:
+            self.mod = importlib.import_module(self.module)
+        except ImportError as exc:
+            raise EngineMissing(f"cannot import {self.module}: {exc}") from exc
 
     def open(self, path: Path, sync_mode: bool = False) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
-        raise NotImplementedError
+        self.db.close()
 
     def write_batch(self, pairs: list[tuple[bytes, bytes]]) -> None:
         raise NotImplementedError
@@ -150,29 +159,13 @@ class Adapter:
 
 class LsmdbAdapter(Adapter):
     name = "lsmdb"
-
-    def __init__(self) -> None:
-        try:
-            import engine
-        except ImportError as exc:
-            raise EngineMissing(f"cannot import engine: {exc}") from exc
-        if not hasattr(engine, "DB"):
-            raise EngineMissing("the engine package does not export DB yet")
-        self.mod = engine
+    module = "engine"
 
     def open(self, path: Path, sync_mode: bool = False) -> None:
         self.db = self.mod.DB.open(str(path), self.mod.Options())
         self.put = self.db.put
         self.get = self.db.get
-        db_put = self.db.put
-
-        def put_sync(k: bytes, v: bytes) -> None:
-            db_put(k, v, sync=True)
-
-        self.put_sync = put_sync
-
-    def close(self) -> None:
-        self.db.close()
+        self.put_sync = functools.partial(self.db.put, sync=True)
 
     def write_batch(self, pairs: list[tuple[bytes, bytes]]) -> None:
         batch = self.mod.WriteBatch()
@@ -193,13 +186,7 @@ class LsmdbAdapter(Adapter):
 
 class RocksdbAdapter(Adapter):
     name = "rocksdb"
-
-    def __init__(self) -> None:
-        try:
-            import rocksdict
-        except ImportError as exc:
-            raise EngineMissing(f"cannot import rocksdict: {exc}") from exc
-        self.mod = rocksdict
+    module = "rocksdict"
 
     def open(self, path: Path, sync_mode: bool = False) -> None:
         # raw_mode: keys and values are stored as given, not pickled.
@@ -214,15 +201,7 @@ class RocksdbAdapter(Adapter):
         self.get = self.db.get
         sync = self.mod.WriteOptions()
         sync.sync = True
-        db_put = self.db.put
-
-        def put_sync(k: bytes, v: bytes) -> None:
-            db_put(k, v, sync)
-
-        self.put_sync = put_sync
-
-    def close(self) -> None:
-        self.db.close()
+        self.put_sync = functools.partial(self.db.put, write_opt=sync)
 
     def write_batch(self, pairs: list[tuple[bytes, bytes]]) -> None:
         batch = self.mod.WriteBatch(raw_mode=True)
@@ -239,28 +218,14 @@ class RocksdbAdapter(Adapter):
 
 class LeveldbAdapter(Adapter):
     name = "leveldb"
-
-    def __init__(self) -> None:
-        try:
-            import plyvel
-        except ImportError as exc:
-            raise EngineMissing(f"cannot import plyvel: {exc}") from exc
-        self.mod = plyvel
+    module = "plyvel"
 
     def open(self, path: Path, sync_mode: bool = False) -> None:
         self.db = self.mod.DB(str(path), create_if_missing=True,
                               bloom_filter_bits=PEER_BLOOM_BITS, lru_cache_size=PEER_BLOCK_CACHE)
         self.put = self.db.put
         self.get = self.db.get
-        db_put = self.db.put
-
-        def put_sync(k: bytes, v: bytes) -> None:
-            db_put(k, v, sync=True)
-
-        self.put_sync = put_sync
-
-    def close(self) -> None:
-        self.db.close()
+        self.put_sync = functools.partial(self.db.put, sync=True)
 
     def write_batch(self, pairs: list[tuple[bytes, bytes]]) -> None:
         with self.db.write_batch() as batch:
@@ -283,13 +248,7 @@ class SqliteAdapter(Adapter):
     """
 
     name = "sqlite"
-
-    def __init__(self) -> None:
-        try:
-            import sqlite3
-        except ImportError as exc:
-            raise EngineMissing(f"cannot import sqlite3: {exc}") from exc
-        self.mod = sqlite3
+    module = "sqlite3"
 
     def open(self, path: Path, sync_mode: bool = False) -> None:
         path.mkdir(parents=True, exist_ok=True)
