@@ -334,11 +334,6 @@ class Vault:
             return PLAINTEXT
         return self._cipher(info)
 
-    def info_for(self, rel: bytes) -> FileInfo | None:
-        if self._busy:
-            self._wait_not_busy(rel)
-        return self.files.entries.get(rel)
-
     def _touches_busy(self, rel: bytes) -> bool:
         if rel in self._busy:
             return True
@@ -565,7 +560,7 @@ class Vault:
             # same file under both names: rename(2) does nothing, and neither do we
             renameat2(sp, dp, flags)
             return
-        ops = self._rename_ops(src, dst, st_dst is not None, exchange)
+        ops = self._rename_ops(src, dst, exchange)
         if not ops:
             renameat2(sp, dp, flags)
             return
@@ -600,7 +595,7 @@ class Vault:
             self.files.append_deferred(settled, extra=[("commit", txid)])
         failpoint("rename.after-commit")
 
-    def _rename_ops(self, src: bytes, dst: bytes, dst_exists: bool, exchange: bool) -> list[Op]:
+    def _rename_ops(self, src: bytes, dst: bytes, exchange: bool) -> list[Op]:
         """The dictionary's after-state of a rename, as DELs then PUTs."""
         entries = self.files.entries
 

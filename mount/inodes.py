@@ -86,9 +86,6 @@ class InodeTable:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         return inode
 
-    def at_path(self, rel: bytes) -> Inode | None:
-        return self._by_path.get(rel)
-
     def remember(self, rel: bytes, st: os.stat_result, fresh: bool = False) -> Inode:
         """The inode for the file at `rel`, whose lstat/fstat is `st`.
 
