@@ -25,7 +25,6 @@ from .version import VersionEdit
 from .wal import decode_batch, read_records
 
 DUMP_COMMANDS = ("dump-manifest", "dump-sst", "dump-wal")
-DB_COMMANDS = ("put", "get", "delete", "scan", "compact", "stats", "check")
 
 
 class UsageError(Exception):
