@@ -223,6 +223,10 @@ class FileDictionary:
         # deleted in memory, DEL not yet written: the log still holds these entries
         # (stale once the unlink is durable), see defer_delete
         self.deferred: dict[bytes, FileInfo] = {}
+        # the paths of both by directory, so the ones below a directory are found
+        # without scanning them all
+        self._entry_dirs = _DirIndex()
+        self._deferred_dirs = _DirIndex()
         self.rewrite_min_records = rewrite_min_records
         self.rewrite_factor = rewrite_factor
         self.dropped_tail = 0  # bytes of torn tail cut off on open
@@ -336,21 +340,23 @@ class FileDictionary:
         return self.entries.get(path)
 
     def paths_under(self, prefix: bytes) -> list[bytes]:
-        """Entry paths strictly below directory ``prefix``."""
-        head = prefix + b"/"
+        """Entry paths strictly below directory ``prefix`` (costs one look at each
+        directory holding entries, not at each entry)."""
         with self._lock:
-            return [p for p in self.entries if p.startswith(head)]
+            return self._entry_dirs.below(prefix)
 
     def deferred_at_or_under(self, top: bytes) -> list[bytes]:
         """Deferred-delete paths equal to ``top`` or below it."""
-        head = top + b"/"
         with self._lock:
-            return [p for p in self.deferred if p == top or p.startswith(head)]
+            found = self._deferred_dirs.below(top)
+            if top in self.deferred:
+                found.append(top)
+            return found
 
     def deferred_in(self, dirs: set[bytes]) -> list[bytes]:
         """Deferred-delete paths whose parent directory is in ``dirs`` (b"" = root)."""
         with self._lock:
-            return [p for p in self.deferred if p.rpartition(b"/")[0] in dirs]
+            return self._deferred_dirs.in_dirs(dirs)
 
     def count_by_key(self) -> dict[int, int]:
         counts: dict[int, int] = {}
@@ -380,9 +386,10 @@ class FileDictionary:
         Whoever makes a file appear at a deferred path must first make the unlink
         durable (see Vault)."""
         with self._lock:
-            info = self.entries.pop(path, None)
+            info = self._forget(path)
             if info is not None:
                 self.deferred[path] = info
+                self._deferred_dirs.add(path)
 
     def append_deferred(self, paths: Iterable[bytes], *, extra: Sequence[Op] = (),
                         sync: bool = False) -> int:
@@ -538,11 +545,14 @@ class FileDictionary:
         for op in ops:
             kind = op[0]
             if kind == "put":
-                self.entries[op[1]] = op[2]
-                self.deferred.pop(op[1], None)
+                path = op[1]
+                if path not in self.entries:
+                    self._entry_dirs.add(path)
+                self.entries[path] = op[2]
+                self._undefer(path)
             elif kind == "del":
-                self.entries.pop(op[1], None)
-                self.deferred.pop(op[1], None)
+                self._forget(op[1])
+                self._undefer(op[1])
             elif kind == "commit":
                 p = self.pending.pop(op[1], None)
                 if p is not None:
@@ -551,6 +561,48 @@ class FileDictionary:
                 self.pending.pop(op[1], None)
             else:
                 raise ValueError(f"operation {kind!r} outside the start of a record")
+
+
+    def _forget(self, path: bytes) -> FileInfo | None:
+        """Drop ``path``'s entry from memory (caller holds the lock or replays)."""
+        info = self.entries.pop(path, None)
+        if info is not None:
+            self._entry_dirs.discard(path)
+        return info
+
+    def _undefer(self, path: bytes) -> None:
+        if self.deferred.pop(path, None) is not None:
+            self._deferred_dirs.discard(path)
+
+
+class _DirIndex:
+    """A set of paths grouped by parent directory (b"" for the root)."""
+
+    __slots__ = ("_by_dir",)
+
+    def __init__(self) -> None:
+        self._by_dir: dict[bytes, set[bytes]] = {}
+
+    def add(self, path: bytes) -> None:
+        self._by_dir.setdefault(path.rpartition(b"/")[0], set()).add(path)
+
+    def discard(self, path: bytes) -> None:
+        parent = path.rpartition(b"/")[0]
+        names = self._by_dir.get(parent)
+        if names is not None:
+            names.discard(path)
+            if not names:
+                del self._by_dir[parent]
+
+    def below(self, top: bytes) -> list[bytes]:
+        """The paths strictly below directory ``top``: one look per directory."""
+        head = top + b"/"
+        return [p for d, names in self._by_dir.items()
+                if d == top or d.startswith(head) or not top for p in names]
+
+    def in_dirs(self, dirs: set[bytes]) -> list[bytes]:
+        """The paths directly in one of ``dirs``."""
+        return [p for d in dirs for p in self._by_dir.get(d, ())]
 
 
 def _describe_loss(data: bytes, offset: int, problem: str) -> SalvageReport:

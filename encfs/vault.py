@@ -63,11 +63,12 @@ MAC_KEY_LABEL = b"tdefs files.dict mac v1"
 DEFAULT_OPTIONS: dict[str, Any] = {"rotation_period_days": 7, "reencrypt_rate_mb": 16,
                                    "durability": "strict"}
 # "strict": every ordering step is an fsync, so invariants 1-3 hold after a power cut
-# on any POSIX filesystem. "ordered": no fsync between the steps; they are written in
-# order and the filesystem is trusted to persist metadata and appended data in that
-# order (ext4 with data=ordered, the default, without fast_commit). A process crash
-# is handled the same in both; the log is made durable by vault.sync() (the mount calls
-# it on fsync), close(), and any strict step.
+# on any POSIX filesystem. "ordered": no fsync between the steps, only the order in
+# which they are written. A process crash is handled the same in both (written records
+# survive it); the log is made durable by vault.sync() (the mount calls it before every
+# fsync and fsyncdir) and close(). After a power cut "ordered" keeps the invariants only
+# up to the last sync: no filesystem promises to persist an append to the log before a
+# later change to the tree (ext4 allocates appended blocks at writeback).
 DURABILITY_MODES = ("strict", "ordered")
 _CIPHER_CACHE_MAX = 1 << 16
 _STALE_PER_RECORD = 4096
@@ -560,7 +561,8 @@ class Vault:
             # same file under both names: rename(2) does nothing, and neither do we
             renameat2(sp, dp, flags)
             return
-        ops = self._rename_ops(src, dst, exchange)
+        ops = self._rename_ops(src, stat.S_ISDIR(st_src.st_mode), dst,
+                               st_dst is not None and stat.S_ISDIR(st_dst.st_mode), exchange)
         if not ops:
             renameat2(sp, dp, flags)
             return
@@ -595,20 +597,23 @@ class Vault:
             self.files.append_deferred(settled, extra=[("commit", txid)])
         failpoint("rename.after-commit")
 
-    def _rename_ops(self, src: bytes, dst: bytes, exchange: bool) -> list[Op]:
+    def _rename_ops(self, src: bytes, src_is_dir: bool, dst: bytes, dst_is_dir: bool,
+                    exchange: bool) -> list[Op]:
         """The dictionary's after-state of a rename, as DELs then PUTs."""
         entries = self.files.entries
 
-        def subtree(top: bytes) -> dict[bytes, FileInfo]:
+        def subtree(top: bytes, is_dir: bool) -> dict[bytes, FileInfo]:
             found = {}
-            for p in [top, *self.files.paths_under(top)]:
+            for p in [top, *self.files.paths_under(top)] if is_dir else [top]:
                 info = entries.get(p)
                 if info is not None:
                     found[p] = info
             return found
 
-        a = subtree(src)
-        b = subtree(dst)
+        a = subtree(src, src_is_dir)
+        # a directory moving to a free name: stale entries below that name would
+        # otherwise apply to the files arriving there
+        b = subtree(dst, dst_is_dir or src_is_dir)
         # names whose DEL is deferred: their entries are still in the log
         ghosts = {*self.files.deferred_at_or_under(src), *self.files.deferred_at_or_under(dst)}
         if exchange:

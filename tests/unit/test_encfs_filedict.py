@@ -244,3 +244,28 @@ def test_a_tail_of_zeros_is_a_torn_tail(tmp_path):
     with pytest.raises(Corruption) as err:
         FileDictionary.open(d.path, MAC_KEY)
     assert err.value.offset == offsets[3]
+
+
+def test_paths_below_a_directory_are_found_by_directory(tmp_path):
+    d = new_log(tmp_path)
+    names = [b"top", b"a/x", b"a/y", b"a/b/z", b"ab/w", b"c/a/v"]
+    d.append([("put", p, info(i)) for i, p in enumerate(names)])
+    assert sorted(d.paths_under(b"a")) == [b"a/b/z", b"a/x", b"a/y"]
+    assert d.paths_under(b"a/b") == [b"a/b/z"]
+    assert sorted(d.paths_under(b"")) == sorted(names)
+    d.append([("del", b"a/b/z"), ("put", b"a/x", info(9))])
+    assert sorted(d.paths_under(b"a")) == [b"a/x", b"a/y"]
+    assert d.paths_under(b"a/b") == []
+    d.defer_delete(b"a/y")
+    d.defer_delete(b"ab/w")
+    assert d.paths_under(b"a") == [b"a/x"]
+    assert d.deferred_at_or_under(b"a") == [b"a/y"]
+    assert d.deferred_at_or_under(b"a/y") == [b"a/y"]
+    assert sorted(d.deferred_in({b"a", b"ab"})) == [b"a/y", b"ab/w"]
+    d.append([("put", b"a/y", info(5))])  # made anew: no longer deferred
+    assert d.deferred_in({b"a"}) == [] and sorted(d.paths_under(b"a")) == [b"a/x", b"a/y"]
+    # a reopened log rebuilds the same index from the records
+    d.close()
+    again = FileDictionary.open(d.path, MAC_KEY)
+    assert sorted(again.paths_under(b"a")) == [b"a/x", b"a/y"]
+    again.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -112,6 +113,26 @@ def test_rename_directory_moves_every_entry_in_one_intent(vault):
     assert get(vault, b"e/x") == b"X" and get(vault, b"e/sub/y") == b"Y"
     assert get(vault, b"dx") == b"not under d"
     assert not any(p.startswith(b"d/") for p in vault.files.entries)
+
+
+def test_directory_moving_to_a_free_name_drops_stale_entries_below_it(vault):
+    os.makedirs(vault.root / "d")
+    (vault.root / "d/old").write_bytes(b"plaintext, no entry")
+    os.makedirs(vault.root / "e")
+    put(vault, b"e/old", b"E")
+    shutil.rmtree(vault.root / "e")  # behind the vault's back: e/old's entry is stale
+    vault.rename(b"d", b"e")
+    # the stale entry would have made the arriving plaintext file decrypt as garbage
+    assert b"e/old" not in vault.files.entries
+    assert get(vault, b"e/old") == b"plaintext, no entry"
+
+
+def test_renaming_a_file_looks_at_no_other_entry(vault, monkeypatch):
+    os.makedirs(vault.root / "d")
+    put(vault, b"d/x", b"X")
+    monkeypatch.setattr(vault.files, "paths_under", lambda top: pytest.fail("scanned"))
+    vault.rename(b"d/x", b"d/y")
+    assert get(vault, b"d/y") == b"X"
 
 
 def test_rename_exchange_and_noreplace(vault):
