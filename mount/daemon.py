@@ -136,10 +136,15 @@ def check(req: MountRequest) -> None:
 
 def _options(req: MountRequest) -> set[str]:
     fsname = str(req.backing).replace("\\", "\\\\").replace(",", "\\,")
-    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-    options |= {f"fsname={fsname}", "subtype=tdefs"}
+    options = {f"fsname={fsname}", "subtype=tdefs"}
     if req.allow_other:
-        options.add("allow_other")
+        # other users reach the files through a daemon with the mounting user's
+        # rights: the kernel must check each caller against the modes
+        options |= {"allow_other", "default_permissions"}
+    # Otherwise only the mounting user can reach the mount at all (the kernel refuses
+    # everyone else), and the daemon acts with that very user's rights, so the
+    # backing filesystem's own checks are the right ones. The kernel then need not
+    # fetch a directory's attributes again after every change in it to check modes.
     return options
 
 

@@ -287,3 +287,40 @@ def test_foreground_mode_and_ctrl_c(v: VaultPaths) -> None:
         force_cleanup(v.mountpoint)
     with mounted_at(v):
         assert (v.mountpoint / "fg").read_bytes() == b"written in the foreground"
+
+
+def _fuse_options(mountpoint: Path) -> set[str]:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == str(mountpoint):
+            return set(fields[3].split(","))
+    raise AssertionError(f"{mountpoint} is not mounted")
+
+
+def _as_nobody(where: Path, path: str) -> int:
+    """errno of stat(path) from a child in ``where`` running as nobody (0 if it worked)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.chdir(where)  # as root: the directories above need not let nobody in
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.stat(path)
+        except OSError as exc:
+            code = exc.errno or 255
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_permission_checks_follow_allow_other(v: VaultPaths) -> None:
+    with mounted_at(v):
+        # only the mounting user gets in, so the backing filesystem's own checks on
+        # the daemon (that same user) are the right ones: the kernel need not check
+        assert "default_permissions" not in _fuse_options(v.mountpoint)
+        assert _as_nobody(v.mountpoint.parent, v.mountpoint.name) == errno.EACCES
+        (v.mountpoint / "f").write_bytes(b"x")
+    with mounted_at(v, extra=("--allow-other",)):
+        assert {"default_permissions", "allow_other"} <= _fuse_options(v.mountpoint)
+        assert _as_nobody(v.mountpoint, "f") == 0
