@@ -33,8 +33,9 @@ def register(sub: Any) -> None:
                    help="with --key-file: write a new random key file (mode 0600) if it does not exist")
     p.add_argument("--durability", choices=("strict", "ordered"), default="strict",
                    help="strict (default): fsync between the steps of every file operation, safe"
-                        " after a power cut on any filesystem; ordered: no fsync between them,"
-                        " relying on the filesystem to keep their order (ext4 data=ordered)")
+                        " after a power cut at any moment; ordered: no fsync between them, safe"
+                        " after a killed daemon, but after a power cut only up to the last"
+                        " fsync made through the mount")
     p.set_defaults(func=_init)
 
     p = sub.add_parser("fsck", help="check a vault's dictionary against its tree (offline)")
