@@ -64,6 +64,7 @@ FULL = Sizes(seq_bytes=GiB, rand_file_bytes=256 * MiB, rand_ops=20_000, small_fi
 QUICK = Sizes(seq_bytes=16 * MiB, rand_file_bytes=8 * MiB, rand_ops=500, small_files=200,
               appends=100, kv_keys=5_000, kv_synced_keys=50, op_time_cap=10.0)
 SMALL_FILE_BYTES = 4 * KiB
+STATFS_PER_FILE = 4
 RAND_BLOCK = 4 * KiB
 SEQ_BLOCK = MiB
 KV_KEY_BYTES = 16
@@ -242,6 +243,7 @@ class TdefsTarget(FuseTarget):
     name = "tdefs"
     program = None  # a Python process; its exact command line is the daemon's business
 
+    extra_init_args: tuple[str, ...] = ()
     extra_mount_args: tuple[str, ...] = ()
 
     def __init__(self, root: Path) -> None:
@@ -252,7 +254,7 @@ class TdefsTarget(FuseTarget):
 
     def init(self) -> None:
         run([*TDEFS, "init", str(self.backing), "--key-file", str(self.key_file),
-             "--generate-key"], env=self.env)
+             "--generate-key", *self.extra_init_args], env=self.env)
 
     def mount(self) -> None:
         run([*TDEFS, "mount", str(self.backing), str(self.mountpoint),
@@ -368,6 +370,7 @@ ROWS = (
     Row("seq_read", "MiB/s", "gocryptfs", 1.0),
     Row("rand_read_4k", "ops/s"),
     Row("rand_write_4k", "ops/s", "gocryptfs", 1.0),
+    Row("statfs", "calls/s"),
     Row("small_create", "files/s", "gocryptfs", 0.5),
     Row("small_stat", "files/s"),
     Row("small_read", "files/s", "gocryptfs", 0.5),
@@ -489,6 +492,14 @@ def small_file_workloads(ctx: Context) -> None:
     names = [top / f"f{i:05d}" for i in range(n)]
     payload = ctx.rng.randbytes(SMALL_FILE_BYTES)
 
+    # one request per call on a FUSE mount and no work behind it: what a request
+    # costs the daemon at the least, the floor under every other small-file figure
+    calls = STATFS_PER_FILE * n
+    with Stopwatch() as sw:
+        for _ in range(calls):
+            os.statvfs(top)
+    ctx.results["statfs"] = calls / sw.elapsed
+
     with Stopwatch() as sw:
         for path in names:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -577,7 +588,8 @@ WORKLOADS: dict[str, tuple[Callable[[Context], None], tuple[str, ...]]] = {
     "seq": (seq_workloads, ("seq_write", "seq_read")),
     "rand": (rand_workloads, ("rand_read_4k", "rand_write_4k")),
     "small": (small_file_workloads,
-              ("small_create", "small_stat", "small_read", "small_rename", "small_unlink")),
+              ("statfs", "small_create", "small_stat", "small_read", "small_rename",
+               "small_unlink")),
     "append": (append_workload, ("append_fsync",)),
     "rocksdb": (rocksdb_workloads, ("rocksdb_fill", "rocksdb_fill_sync")),
 }
@@ -664,6 +676,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated targets among raw,tdefs (default: raw,tdefs)")
     parser.add_argument("--peers", default="",
                         help="other encrypting filesystems to compare with: gocryptfs")
+    parser.add_argument("--init-option", action="append", default=[], metavar="OPT",
+                        help="pass OPT to `tdefs init` (repeatable), e.g. "
+                             "--init-option=--durability=ordered")
     parser.add_argument("--mount-option", action="append", default=[], metavar="OPT",
                         help="pass OPT to `tdefs mount` (repeatable), e.g. --mount-option=--xattrs")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
@@ -721,6 +736,7 @@ def started_targets(root: Path, names: list[str]) -> Iterator[dict[str, Target]]
 
 def bench(args: argparse.Namespace) -> int:
     sizes = sizes_for(args)
+    TdefsTarget.extra_init_args = tuple(args.init_option)
     TdefsTarget.extra_mount_args = tuple(args.mount_option)
     base = args.dir if args.dir is not None else default_base_dir()
     base.mkdir(parents=True, exist_ok=True)
@@ -729,6 +745,7 @@ def bench(args: argparse.Namespace) -> int:
           f"{', '.join(args.targets)}, workloads {', '.join(args.only)}, "
           f"sequential {sizes.seq_bytes / MiB:.0f} MiB"
           + (f", best of {args.repeat}" if args.repeat > 1 else "")
+          + (f", tdefs init {' '.join(args.init_option)}" if args.init_option else "")
           + (f", tdefs mount {' '.join(args.mount_option)}" if args.mount_option else ""),
           flush=True)
     if not drop_page_cache():

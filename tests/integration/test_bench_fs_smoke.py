@@ -19,7 +19,7 @@ from conftest import REPO, require_fuse
 pytestmark = pytest.mark.fuse
 
 BENCH = REPO / "scripts" / "bench_fs.py"
-FS_ROWS = ("seq_write", "seq_read", "rand_read_4k", "rand_write_4k", "small_create",
+FS_ROWS = ("seq_write", "seq_read", "rand_read_4k", "rand_write_4k", "statfs", "small_create",
            "small_stat", "small_read", "small_rename", "small_unlink", "append_fsync")
 KV_ROWS = ("rocksdb_fill", "rocksdb_fill_sync")
 NUMBER = r"[0-9][0-9,]*(?:\.[0-9]+)?"
@@ -67,3 +67,17 @@ def test_bench_refuses_bad_options(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "unknown workload 'nonsense'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_init_options_reach_the_vault(tmp_path: Path) -> None:
+    require_fuse()
+    env = {k: v for k, v in os.environ.items() if k != "TDEFS_FAILPOINTS"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "append", "--dir", str(tmp_path),
+         "--init-option=--durability=ordered", "--keep"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "tdefs init --durability=ordered" in proc.stdout
+    (work,) = tmp_path.iterdir()
+    vault = json.loads((work / "tdefs" / "backing" / ".tdefs" / "vault.json").read_text())
+    assert vault["options"]["durability"] == "ordered"
