@@ -81,3 +81,22 @@ def test_init_options_reach_the_vault(tmp_path: Path) -> None:
     (work,) = tmp_path.iterdir()
     vault = json.loads((work / "tdefs" / "backing" / ".tdefs" / "vault.json").read_text())
     assert vault["options"]["durability"] == "ordered"
+
+
+def test_bench_floor_measures_every_target_and_leaves_nothing(tmp_path: Path) -> None:
+    require_fuse()
+    env = {k: v for k, v in os.environ.items() if k != "TDEFS_FAILPOINTS"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_floor.py"), "--calls", "200",
+         "--rounds", "2", "--dir", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("empty", "tdefs"):
+        assert re.search(rf"^{name}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", proc.stdout, re.MULTILINE), \
+            proc.stdout
+    assert re.search(r"^empty\s+\S+\s+\S+\s+1\.00$", proc.stdout, re.MULTILINE), proc.stdout
+    assert list(tmp_path.iterdir()) == []
+    assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_floor.py"), "--rounds", "0"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -1,0 +1,131 @@
+"""The least a FUSE request costs: statfs round trips on tdefs, on an empty pyfuse3
+filesystem and, optionally, on gocryptfs.
+
+A statfs through a FUSE mount is one request whose answer needs almost no work, so
+its rate is the floor under every small-file figure of bench_fs. The empty
+filesystem runs pyfuse3 on trio exactly as the tdefs daemon does but answers with
+constants: the ratio tdefs/empty shows how much of the floor is tdefs's own code, and
+gocryptfs/empty how far the binding is from a compiled daemon. The targets are
+measured in turns, several rounds, keeping each one's best round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_fs  # noqa: E402
+from bench_fs import BenchError, FuseTarget, GocryptfsTarget, TdefsTarget, is_mounted  # noqa: E402
+
+
+class EmptyTarget(FuseTarget):
+    """This script's own `--serve` mode: pyfuse3 on trio answering statfs."""
+
+    name = "empty"
+
+    def init(self) -> None:
+        pass
+
+    def mount(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(self.mountpoint)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not is_mounted(self.mountpoint):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+                raise BenchError(f"the empty filesystem did not mount: {err or 'timed out'}")
+            time.sleep(0.02)
+
+    def unmount(self) -> None:
+        bench_fs.run(["fusermount3", "-u", str(self.mountpoint)])
+        self.proc.wait(10)
+
+
+def serve(mountpoint: str) -> None:
+    import pyfuse3
+    import trio
+
+    class Empty(pyfuse3.Operations):
+        async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+            data = pyfuse3.StatvfsData()
+            data.f_bsize = data.f_frsize = 4096
+            data.f_namemax = 255
+            return data
+
+    pyfuse3.init(Empty(), mountpoint, {"fsname=tdefs-bench-empty"})
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=False)
+
+
+def rate(path: Path, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        os.statvfs(path)
+    return calls / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_floor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=20_000, help="statfs calls per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each target's best counts")
+    parser.add_argument("--peers", default="", help="gocryptfs: measure it too")
+    parser.add_argument("--dir", type=Path, help="where to make the work directory")
+    parser.add_argument("--serve", metavar="MOUNTPOINT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return 0
+    if args.calls < 1 or args.rounds < 1:
+        parser.error("--calls and --rounds must be at least 1")
+    if args.peers not in ("", "gocryptfs"):
+        parser.error(f"unknown peer {args.peers!r} (choose gocryptfs)")
+    signal.signal(signal.SIGTERM, bench_fs.raise_interrupt)
+    base = args.dir if args.dir is not None else bench_fs.default_base_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="tdefs-floor-", dir=base))
+    names = ["empty", "tdefs"] + (["gocryptfs"] if args.peers else [])
+    classes = {"empty": EmptyTarget, "tdefs": TdefsTarget, "gocryptfs": GocryptfsTarget}
+    best: dict[str, float] = {}
+    try:
+        started: list[FuseTarget] = []
+        try:
+            for name in names:
+                target = classes[name](root / name)
+                started.append(target)
+                target.start()
+            for _ in range(args.rounds):
+                for target in started:
+                    best[target.name] = max(best.get(target.name, 0.0),
+                                            rate(target.mountpoint, args.calls))
+        finally:
+            for target in started:
+                target.stop()
+    except BenchError as exc:
+        print(f"bench_floor: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench_floor: interrupted; everything unmounted", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"statfs round trips, best of {args.rounds} rounds of {args.calls:,} calls")
+    print(f"{'target':<10} {'calls/s':>9} {'us/call':>8} {'x empty':>8}")
+    for name in names:
+        print(f"{name:<10} {best[name]:>9,.0f} {1e6 / best[name]:>8.1f} "
+              f"{best[name] / best['empty']:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
