@@ -23,10 +23,10 @@ FAILPOINTS: tuple[str, ...] = (
     # Vault operations (encfs/vault.py), between their steps
     "create.after-new",  # entry durable, file not created yet
     "unlink.after-unlink",  # file removed, its delete deferred
-    "deletes.after-fsync",  # deferred unlinks made durable, their deletes not written
+    "deletes.after-fsync",  # deferred unlinks and renames made durable, their DELs and COMMITs not written
     "rename.after-intent",  # intent durable, rename not done
     "rename.after-rename",  # renamed, commit record not written
-    "rename.after-commit",  # commit written, not yet synced
+    "rename.after-commit",  # commit written, not yet synced (strict file renames: applied, commit left to the next flush)
     "link.after-new",  # entry for the new name durable, link not made
     "truncate.after-truncate",  # truncated to zero, fresh-IV entry not written
     "init.before-publish",  # vault metadata written, not yet renamed into place

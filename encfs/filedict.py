@@ -11,9 +11,12 @@ breaks the chain. A record holds one or more operations and is applied whole:
   are held pending until a later COMMIT(txid) applies them or ABORT(txid) drops them.
   An intent left pending by a crash is resolved by the vault on open, by looking at
   whether the rename it describes happened (see ``Pending.happened``).
+  ``apply_intent`` applies an intent in memory before its COMMIT is written (the
+  vault batches those COMMITs): until then no other record may touch its paths, so
+  that resolving it at the end of a replay gives what applying it in place did.
 
 Invariants: the in-memory state always equals the replay of the records written so
-far; a record is either wholly in the log or (torn tail, only at the end) dropped on
+far, with the intents in ``applied`` committed; a record is either wholly in the log or (torn tail, only at the end) dropped on
 open and truncated away; ``sync(seq)`` returns only once record ``seq`` is durable,
 and concurrent callers share one fdatasync (group commit). When the log holds many
 more records than live entries it is rewritten as a snapshot with ``atomic_replace``.
@@ -220,6 +223,10 @@ class FileDictionary:
         self._mac_key = mac_key
         self.entries: dict[bytes, FileInfo] = {}
         self.pending: dict[int, Pending] = {}
+        # intents applied in memory whose COMMIT is not written yet (apply_intent), and
+        # how many of them touch each path
+        self.applied: dict[int, Pending] = {}
+        self._applied_paths: dict[bytes, int] = {}
         # deleted in memory, DEL not yet written: the log still holds these entries
         # (stale once the unlink is durable), see defer_delete
         self.deferred: dict[bytes, FileInfo] = {}
@@ -358,6 +365,11 @@ class FileDictionary:
         with self._lock:
             return self._deferred_dirs.in_dirs(dirs)
 
+    def touches_applied(self, paths: Iterable[bytes]) -> bool:
+        """Does any of ``paths`` belong to an intent applied but not committed?"""
+        with self._lock:
+            return any(p in self._applied_paths for p in paths)
+
     def count_by_key(self) -> dict[int, int]:
         counts: dict[int, int] = {}
         with self._lock:
@@ -412,6 +424,8 @@ class FileDictionary:
                 ops = [*(("del", p) for p in deferred if p in self.deferred), *ops]
             if not ops:
                 return 0
+            if self._applied_paths:
+                self._refuse_applied_paths(ops)
             payload = encode_ops(ops)
             if self._fd < 0:
                 raise OSError(errno.EBADF, f"{self.path} is not open for writing")
@@ -440,6 +454,17 @@ class FileDictionary:
         if self._should_rewrite():
             self.rewrite()
         return seq
+
+    def apply_intent(self, txid: int) -> None:
+        """Apply pending intent ``txid`` in memory now; its COMMIT comes later (a record
+        holding ("commit", txid)). Until then no record may touch its paths: append
+        refuses one that does."""
+        with self._lock:
+            p = self.pending.pop(txid)
+            self.applied[txid] = p
+            for path in _intent_paths(p):
+                self._applied_paths[path] = self._applied_paths.get(path, 0) + 1
+            self._apply(p.ops)
 
     def begin(self, rule: int, src: bytes, src_ino: int, ops: Sequence[Op], *,
               sync: bool = True) -> int:
@@ -486,7 +511,20 @@ class FileDictionary:
             raise OSError(errno.EIO, f"{self.path}: an earlier fdatasync failed"
                           f" ({self._sync_error.strerror}); reopen the vault")
 
+    def _refuse_applied_paths(self, ops: Sequence[Op]) -> None:
+        """Replay resolves an applied intent after every later record: a later record
+        touching its paths would be applied in the wrong order."""
+        start = 1 if ops[0][0] == "begin" else 0
+        touched = [op[1] for op in ops[start:] if op[0] in ("put", "del")]
+        if start:
+            touched.append(ops[0][3])  # the intent's src
+        for path in touched:
+            if path in self._applied_paths:
+                raise RuntimeError(f"{path!r} belongs to an intent whose COMMIT is not written")
+
     def _should_rewrite(self) -> bool:
+        if self.applied:
+            return False  # the snapshot could not say which intents are still open
         live = len(self.entries) + len(self.pending) + len(self.deferred)
         return self.records > self.rewrite_min_records and self.records > self.rewrite_factor * live
 
@@ -497,6 +535,8 @@ class FileDictionary:
                 self._cond.wait()
             if self._fd < 0:
                 raise OSError(errno.EBADF, f"{self.path} is not open for writing")
+            if self.applied:
+                raise RuntimeError("commit the applied intents before rewriting the log")
             generation = self.generation + 1
             head = _header(self._mac_key, generation)
             prev = head[_HEADER_BODY.size :]
@@ -557,6 +597,8 @@ class FileDictionary:
                 p = self.pending.pop(op[1], None)
                 if p is not None:
                     self._apply(p.ops)
+                else:
+                    self._forget_applied(op[1])
             elif kind == "abort":
                 self.pending.pop(op[1], None)
             else:
@@ -570,9 +612,25 @@ class FileDictionary:
             self._entry_dirs.discard(path)
         return info
 
+    def _forget_applied(self, txid: int) -> None:
+        """Its COMMIT is written: the intent no longer holds its paths."""
+        p = self.applied.pop(txid, None)
+        if p is None:
+            return
+        for path in _intent_paths(p):
+            n = self._applied_paths[path] - 1
+            if n:
+                self._applied_paths[path] = n
+            else:
+                del self._applied_paths[path]
+
     def _undefer(self, path: bytes) -> None:
         if self.deferred.pop(path, None) is not None:
             self._deferred_dirs.discard(path)
+
+
+def _intent_paths(p: Pending) -> set[bytes]:
+    return {p.src, *(op[1] for op in p.ops)}
 
 
 class _DirIndex:

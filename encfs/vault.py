@@ -74,6 +74,9 @@ _CIPHER_CACHE_MAX = 1 << 16
 _STALE_PER_RECORD = 4096
 # unlinks whose DEL waits for a directory fsync; past this many they are flushed
 DEFERRED_DELETES_MAX = 1024
+# strict file renames applied but not yet committed (their COMMIT waits for a batched
+# fsync of their directories); past this many they are settled at once
+UNSETTLED_RENAMES_MAX = 1024
 
 
 @dataclass
@@ -250,7 +253,10 @@ class Vault:
 
     def sync(self) -> None:
         """Make every dictionary record written so far durable (call before fsyncing
-        a backing file: in "ordered" mode nothing else syncs the log)."""
+        a backing file: in "ordered" mode nothing else syncs the log). Renames still
+        waiting for their COMMIT are settled first."""
+        if self.files.applied:
+            self.flush_deletes()
         self.files.sync()
 
     def close(self) -> None:
@@ -258,7 +264,7 @@ class Vault:
         if self._lock_fd < 0:
             return
         try:
-            if self.files.deferred:
+            if self.files.deferred or self.files.applied:
                 self.flush_deletes()
             self.files.close()
         finally:
@@ -370,7 +376,14 @@ class Vault:
     def _drop_if_stale(self, rel: bytes) -> None:
         """An operation met ``rel``'s entry but not its file: the entry is stale."""
         if rel in self.files.entries and not self._is_regular(rel):
+            self._settle_renames_at(rel)
             self.files.append([("del", rel)], sync=False)
+
+    def _settle_renames_at(self, *paths: bytes) -> None:
+        """Before a record touches ``paths``, commit the renames that hold them (see
+        rename): the log must never reorder two operations on one name."""
+        if self.files.applied and self.files.touches_applied(paths):
+            self.flush_deletes()
 
     def _new_info(self) -> FileInfo:
         key = self.keys.active
@@ -401,9 +414,11 @@ class Vault:
                     raise
             return fd, self.cipher_for(rel)
         if self.method == "plaintext":
+            self._settle_renames_at(rel)
             self._clear_name(rel)
             return os.open(path, flags | os.O_CREAT, mode), PLAINTEXT
         info = self._new_info()
+        self._settle_renames_at(rel)
         previous = self.files.entries.get(rel)
         self._settle(rel)
         self.files.append([("put", rel, info)], sync=self._strict)
@@ -424,6 +439,7 @@ class Vault:
         """Remove a non-directory; its entry goes once the removal is durable."""
         _check_rel(rel)
         path = self._abs(rel)
+        self._settle_renames_at(rel)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -439,14 +455,19 @@ class Vault:
                 self.flush_deletes()
 
     def flush_deletes(self) -> None:
-        """Make the deferred unlinks durable (one fsync per directory), then write
-        their DELs."""
+        """Make the deferred unlinks and the renames waiting for their COMMIT durable
+        (one fsync per directory), then write their DELs and COMMITs in one record."""
         paths = list(self.files.deferred)
+        with self.files._lock:
+            renames = dict(self.files.applied)
+        dirs = {_parent(p) for p in paths}
+        for p in renames.values():
+            dirs.update(_parent(path) for path in (p.src, *(op[1] for op in p.ops)))
         if self._strict:
-            for d in {_parent(p) for p in paths}:
+            for d in dirs:
                 self._fsync_nearest_dir(d)
         failpoint("deletes.after-fsync")
-        self.files.append_deferred(paths)
+        self.files.append_deferred(paths, extra=[("commit", txid) for txid in renames])
 
     def _settle(self, rel: bytes) -> None:
         """Before a file may appear at ``rel`` again, make its deferred unlink durable."""
@@ -479,6 +500,7 @@ class Vault:
         """Hard link ``dst`` to ``src``; the new name gets src's entry first."""
         _check_rel(src)
         _check_rel(dst)
+        self._settle_renames_at(src, dst)
         sp, dp = self._abs(src), self._abs(dst)
         info = self.files.entries.get(src)
         if info is not None and not self._is_regular(src):
@@ -505,6 +527,7 @@ class Vault:
         Returns the cipher to use from now on. With st_nlink > 1 the entry (and IV)
         is kept, since the other names share it."""
         _check_rel(rel)
+        self._settle_renames_at(rel)
         with self._busy_paths(rel):
             own = fd is None
             if own:
@@ -561,8 +584,14 @@ class Vault:
             # same file under both names: rename(2) does nothing, and neither do we
             renameat2(sp, dp, flags)
             return
-        ops = self._rename_ops(src, stat.S_ISDIR(st_src.st_mode), dst,
-                               st_dst is not None and stat.S_ISDIR(st_dst.st_mode), exchange)
+        src_is_dir = stat.S_ISDIR(st_src.st_mode)
+        dst_is_dir = st_dst is not None and stat.S_ISDIR(st_dst.st_mode)
+        if src_is_dir or dst_is_dir:
+            if self.files.applied:
+                self.flush_deletes()  # a subtree may hold any of their paths
+        else:
+            self._settle_renames_at(src, dst)
+        ops = self._rename_ops(src, src_is_dir, dst, dst_is_dir, exchange)
         if not ops:
             renameat2(sp, dp, flags)
             return
@@ -575,9 +604,8 @@ class Vault:
                 self._fsync_nearest_dir(d)
         txid = self.files.begin(rule, src, st_src.st_ino, ops, sync=self._strict)
         failpoint("rename.after-intent")
-        # until the COMMIT is applied the entries describe the tree before the rename:
-        # lookups of these names wait from the rename on (the intent, already durable,
-        # covers a crash from here)
+        # until the entries say what the tree says, lookups of these names wait from
+        # the rename on (the intent, already durable, covers a crash from here)
         with self._busy_paths(src, dst):
             try:
                 renameat2(sp, dp, flags)
@@ -585,17 +613,27 @@ class Vault:
                 self.files.append([("abort", txid)], sync=False)
                 raise
             failpoint("rename.after-rename")
-            # the rename must be on disk before a durable COMMIT can say it is; the
-            # same fsyncs make earlier unlinks there durable, so their DELs can go too
-            parents = {_parent(src), _parent(dst)}
-            settled = self.files.deferred_in(parents)
-            if self._strict:
-                for d in parents:
-                    fsync_dir(self._dir(d))
-            # not synced: until a later sync carries it, a crash leaves the intent,
-            # which recovery resolves by the tree to the same answer
-            self.files.append_deferred(settled, extra=[("commit", txid)])
+            if self._strict and not (src_is_dir or dst_is_dir):
+                # the COMMIT must not be durable before the rename is, which takes a
+                # directory fsync: it waits for flush_deletes, which fsyncs every
+                # directory concerned once for many renames. Until then the durable
+                # intent lets recovery decide by the tree, and no record may touch
+                # these names (_settle_renames_at).
+                self.files.apply_intent(txid)
+            else:
+                # the rename must be on disk before a durable COMMIT can say it is; the
+                # same fsyncs make earlier unlinks there durable, so their DELs can go too
+                parents = {_parent(src), _parent(dst)}
+                settled = self.files.deferred_in(parents)
+                if self._strict:
+                    for d in parents:
+                        fsync_dir(self._dir(d))
+                # not synced: until a later sync carries it, a crash leaves the intent,
+                # which recovery resolves by the tree to the same answer
+                self.files.append_deferred(settled, extra=[("commit", txid)])
         failpoint("rename.after-commit")
+        if len(self.files.applied) >= UNSETTLED_RENAMES_MAX:
+            self.flush_deletes()
 
     def _rename_ops(self, src: bytes, src_is_dir: bool, dst: bytes, dst_is_dir: bool,
                     exchange: bool) -> list[Op]:

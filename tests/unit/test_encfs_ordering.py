@@ -92,14 +92,69 @@ def test_a_name_deleted_then_made_again(traced):
     assert b"b" not in vault.files.entries and not vault.files.deferred
 
 
-def test_a_rename_carries_the_deletes_its_fsync_made_durable(traced):
+def test_a_directory_rename_carries_the_deletes_its_fsync_made_durable(traced):
     vault, log = traced
     vault.unlink(b"a")
     vault.unlink(b"d/x")
     del log[:]
-    vault.rename(b"b", b"c")
-    assert log == ["log.write", "log.sync", "rename", "dir.fsync", "log.write"]
-    assert list(vault.files.deferred) == [b"d/x"]  # its directory was not fsynced
+    vault.rename(b"d", b"g")
+    # d/x's unlink made durable before the intent; a's by the fsync after the rename
+    assert log == ["dir.fsync", "log.write", "log.sync", "rename", "dir.fsync", "log.write"]
+    assert not vault.files.deferred
+
+
+def test_file_renames_commit_in_batches(traced):
+    vault, log = traced
+    vault.unlink(b"d/x")
+    del log[:]
+    vault.rename(b"a", b"a2")
+    vault.rename(b"b", b"d/b2")
+    # each intent durable before its rename; no directory fsync yet, no COMMIT
+    assert log == ["log.write", "log.sync", "rename"] * 2
+    assert len(vault.files.applied) == 2 and not vault.files.pending
+    assert vault.files.entries.keys() >= {b"a2", b"d/b2"}
+    del log[:]
+    vault.flush_deletes()  # one fsync per directory, then the DELs and COMMITs together
+    assert log == ["dir.fsync", "dir.fsync", "log.write"]
+    assert not vault.files.applied and not vault.files.deferred
+
+
+def test_a_name_held_by_an_uncommitted_rename_is_committed_before_it_is_touched(traced):
+    vault, log = traced
+    steps = [
+        ((b"a", b"x"), lambda: vault.truncate_to_zero(b"x")),  # the new name
+        ((b"x", b"y"), lambda: os.close(vault.create(b"x", os.O_WRONLY, 0o644)[0])),  # the old
+        ((b"y", b"z"), lambda: vault.link(b"z", b"w")),
+        ((b"z", b"q"), lambda: vault.unlink(b"q")),
+        ((b"w", b"v"), lambda: vault.rename(b"v", b"d/v")),
+    ]
+    for (src, dst), touch in steps:
+        vault.rename(src, dst)
+        assert vault.files.applied
+        del log[:]
+        touch()
+        assert log[:2] == ["dir.fsync", "log.write"], (src, dst, log)  # the COMMIT first
+    vault.rename(b"b", b"u")
+    with pytest.raises(RuntimeError):  # and the log itself refuses a record out of order
+        vault.files.append([("del", b"u")])
+
+
+def test_a_directory_rename_commits_waiting_file_renames_first(traced):
+    vault, log = traced
+    vault.rename(b"d/x", b"d/y")
+    del log[:]
+    vault.rename(b"d", b"e")
+    assert log[:2] == ["dir.fsync", "log.write"]  # the file rename's COMMIT
+    assert log[-2:] == ["dir.fsync", "log.write"]  # the directory's own, at once
+
+
+def test_sync_commits_waiting_renames(traced):
+    vault, log = traced
+    vault.rename(b"a", b"z")
+    del log[:]
+    vault.sync()
+    assert log == ["dir.fsync", "log.write", "log.sync"]
+    assert not vault.files.applied
 
 
 def test_a_directory_rename_settles_deletes_inside_it_first(traced):
@@ -132,6 +187,7 @@ def test_truncate_durable_before_the_fresh_iv(traced):
 def test_rename_intent_then_rename_then_durable_rename_then_commit(traced, src, dst, flags, dirs):
     vault, log = traced
     vault.rename(src, dst, flags)
+    vault.flush_deletes()  # a file rename's COMMIT waits for this; a directory's does not
     # the COMMIT is not synced: an intent without it resolves by the tree alike
     assert log == ["log.write", "log.sync", "rename", *["dir.fsync"] * dirs, "log.write"]
 
