@@ -365,6 +365,11 @@ class FileDictionary:
         with self._lock:
             return self._deferred_dirs.in_dirs(dirs)
 
+    def applied_intents(self) -> tuple[list[int], set[bytes]]:
+        """The intents applied but not committed, and every path they touch."""
+        with self._lock:
+            return list(self.applied), set(self._applied_paths)
+
     def touches_applied(self, paths: Iterable[bytes]) -> bool:
         """Does any of ``paths`` belong to an intent applied but not committed?"""
         with self._lock:

@@ -458,16 +458,12 @@ class Vault:
         """Make the deferred unlinks and the renames waiting for their COMMIT durable
         (one fsync per directory), then write their DELs and COMMITs in one record."""
         paths = list(self.files.deferred)
-        with self.files._lock:
-            renames = dict(self.files.applied)
-        dirs = {_parent(p) for p in paths}
-        for p in renames.values():
-            dirs.update(_parent(path) for path in (p.src, *(op[1] for op in p.ops)))
+        txids, renamed = self.files.applied_intents()
         if self._strict:
-            for d in dirs:
+            for d in {_parent(p) for p in (*paths, *renamed)}:
                 self._fsync_nearest_dir(d)
         failpoint("deletes.after-fsync")
-        self.files.append_deferred(paths, extra=[("commit", txid) for txid in renames])
+        self.files.append_deferred(paths, extra=[("commit", txid) for txid in txids])
 
     def _settle(self, rel: bytes) -> None:
         """Before a file may appear at ``rel`` again, make its deferred unlink durable."""
