@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -90,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--calls and --rounds must be at least 1")
     if args.peers not in ("", "gocryptfs"):
         parser.error(f"unknown peer {args.peers!r} (choose gocryptfs)")
-    signal.signal(signal.SIGTERM, bench_fs.raise_interrupt)
+    return bench_fs.run_guarded("bench_floor", lambda: floor(args))
+
+
+def floor(args: argparse.Namespace) -> int:
     base = args.dir if args.dir is not None else bench_fs.default_base_dir()
     base.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="tdefs-floor-", dir=base))
@@ -98,25 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     classes = {"empty": EmptyTarget, "tdefs": TdefsTarget, "gocryptfs": GocryptfsTarget}
     best: dict[str, float] = {}
     try:
-        started: list[FuseTarget] = []
-        try:
-            for name in names:
-                target = classes[name](root / name)
-                started.append(target)
-                target.start()
+        with bench_fs.started_targets(root, names, classes) as targets:
             for _ in range(args.rounds):
-                for target in started:
-                    best[target.name] = max(best.get(target.name, 0.0),
-                                            rate(target.mountpoint, args.calls))
-        finally:
-            for target in started:
-                target.stop()
-    except BenchError as exc:
-        print(f"bench_floor: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench_floor: interrupted; everything unmounted", file=sys.stderr)
-        return 130
+                for name, target in targets.items():
+                    best[name] = max(best.get(name, 0.0), rate(target.workdir, args.calls))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"statfs round trips, best of {args.rounds} rounds of {args.calls:,} calls")

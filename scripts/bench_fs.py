@@ -718,11 +718,12 @@ def raise_interrupt(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def started_targets(root: Path, names: list[str]) -> Iterator[dict[str, Target]]:
+def started_targets(root: Path, names: list[str],
+                    classes: dict[str, type[Target]] = TARGET_CLASSES) -> Iterator[dict[str, Target]]:
     targets: dict[str, Target] = {}
     try:
         for name in names:
-            target = TARGET_CLASSES[name](root / name)
+            target = classes[name](root / name)
             targets[name] = target
             t0 = time.perf_counter()
             target.start()
@@ -799,17 +800,23 @@ def bench(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_guarded(prog: str, run: Callable[[], int]) -> int:
+    """Run a benchmark: SIGTERM stops it like Ctrl-C, and a BenchError or an
+    interruption ends it with a one-line message (its targets clean up on the way out)."""
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        return bench(args)
+        return run()
     except BenchError as exc:
-        print(f"bench_fs: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bench_fs: interrupted; everything unmounted", file=sys.stderr)
+        print(f"{prog}: interrupted; everything unmounted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_guarded("bench_fs", lambda: bench(args))
 
 
 if __name__ == "__main__":
