@@ -8,6 +8,10 @@
 Keys and values are taken as UTF-8 text, or as hex with ``--hex``; output escapes
 bytes that are not printable ASCII (or prints hex with ``--hex``). Every error is
 one line ``lsmdb: error: ...`` with a non-zero exit status.
+
+get, scan, stats and check open the database read-only: they never create or change
+a file, and fail on a PATH that is not a database. put and delete create a database
+in a missing or empty directory, never in one holding other files.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from .version import VersionEdit
 from .wal import decode_batch, read_records
 
 DUMP_COMMANDS = ("dump-manifest", "dump-sst", "dump-wal")
+# Only reads, so a mistyped PATH is reported rather than turned into a database.
+READ_ONLY_COMMANDS = ("get", "scan", "stats", "check")
+# May create the database; compact needs one to exist, as there is nothing to compact.
+CREATING_COMMANDS = ("put", "delete")
 
 
 class UsageError(Exception):
@@ -104,8 +112,8 @@ def _run_db(args: argparse.Namespace, codec: _Codec) -> int:
     cmd = args.command
     if cmd == "scan" and args.limit is not None and args.limit < 0:
         raise UsageError("--limit must not be negative")
-    options = Options(create_if_missing=cmd == "put", background_processes=False)
-    with DB.open(args.path, options) as db:
+    options = Options(create_if_missing=cmd in CREATING_COMMANDS, background_processes=False)
+    with DB.open(args.path, options, read_only=cmd in READ_ONLY_COMMANDS) as db:
         if cmd == "put":
             db.put(codec.arg(args.key, "key"), codec.arg(args.value, "value"), sync=args.sync)
         elif cmd == "get":

@@ -143,10 +143,11 @@ class Snapshot:
 class DB:
     """An open database. Create with ``DB.open(path, options)``."""
 
-    def __init__(self, path: str, options: Options) -> None:
+    def __init__(self, path: str, options: Options, read_only: bool = False) -> None:
         # Use DB.open(); this only sets fields.
         self.path = path
         self.options = options
+        self.read_only = read_only
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._vlock = threading.Lock()
@@ -187,35 +188,55 @@ class DB:
     # ----------------------------------------------------------------- open
 
     @classmethod
-    def open(cls, path: str | os.PathLike, options: Options | None = None) -> DB:
-        """Open (or create) the database at ``path``; LockError if it is in use."""
+    def open(cls, path: str | os.PathLike, options: Options | None = None, *,
+             read_only: bool = False) -> DB:
+        """Open the database at ``path`` or create one; LockError if it is in use.
+
+        A directory is a database when it holds CURRENT. Otherwise one is created only
+        if ``options.create_if_missing`` is on, ``read_only`` is off and the directory
+        is missing or empty; a directory holding anything else is refused, so a wrong
+        path is reported instead of getting database files written into it. These
+        checks come before the LOCK file is made: a refused open leaves nothing behind.
+
+        With ``read_only`` the database is opened without writing a byte: the WALs
+        are replayed into memory only, writes raise InvalidArgument, and LOCK is held
+        shared, so read-only opens coexist with each other but never with a writer.
+        """
         options = options if options is not None else Options()
         options.validate()
         path = os.fspath(path)
-        if not os.path.isdir(path):
-            if os.path.exists(path):
-                raise InvalidArgument(f"{path}: not a directory")
-            if not options.create_if_missing:
-                raise InvalidArgument(f"{path}: database does not exist (create_if_missing is off)")
+        create = _must_create(path, options, read_only)
+        if create and not os.path.isdir(path):
             os.makedirs(path, exist_ok=True)
         # Built once here so forked table builders inherit it.
         bloom_masks(probes_for(options.bloom_bits_per_key))
-        db = cls(path, options)
+        db = cls(path, options, read_only)
         db._acquire_lock()
         try:
-            db._recover()
+            db._recover(create)
         except BaseException:
             db._release_lock()
             raise
         db._closed = False
-        db._start_threads()
+        if not read_only:
+            db._start_threads()
         return db
 
     def _acquire_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+        if self.read_only:
+            try:
+                fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDONLY)
+            except FileNotFoundError:
+                # Only a copied or hand-edited database lacks LOCK; making one would
+                # be a write, and a writer that opens later creates it anyway.
+                return
+            mode = fcntl.LOCK_SH
+        else:
+            fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+            mode = fcntl.LOCK_EX
         try:
             # flock conflicts between two opens even inside one process.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise LockError(f"{self.path}: database is locked by another process "
@@ -240,17 +261,18 @@ class DB:
         if f.reader.size != f.size:
             raise Corruption(path, None, f"size {f.reader.size} differs from MANIFEST's {f.size}")
 
-    def _recover(self) -> None:
+    def _recover(self, create: bool) -> None:
+        """Load the state (or start an empty one if ``create``) and replay the WALs."""
         opts = self.options
         vs = self._vs
-        exists = os.path.exists(self._file("CURRENT"))
-        if exists:
+        # open() checked the directory before locking it; another process may have
+        # created the database since, which is then opened like any other.
+        if os.path.exists(self._file("CURRENT")):
             if opts.error_if_exists:
                 raise InvalidArgument(f"{self.path}: database exists (error_if_exists is on)")
             vs.recover()
-        elif any(n.startswith("MANIFEST-") or n.endswith(".sst") for n in os.listdir(self.path)):
-            raise Corruption(self._file("CURRENT"), None,
-                             "CURRENT is missing but tables or MANIFESTs exist")
+        elif not create:
+            raise InvalidArgument(f"{self.path}: not a database (no CURRENT file)")
         for _, f in vs.current.files():
             self._open_reader(f)
         if opts.paranoid_checks:
@@ -282,9 +304,17 @@ class DB:
                 for i, (key, value) in enumerate(ops):
                     mem.add(seq + i, key, value, _NO_SNAPSHOT)
                 max_seq = max(max_seq, seq + len(ops) - 1)
-                if mem.size >= opts.write_buffer_size:
+                if mem.size >= opts.write_buffer_size and not self.read_only:
                     edit.new_files.append((0, self._write_level0(mem)))
                     mem = MemTable(0)
+        if self.read_only:
+            # Reads see the logs' writes from memory; every file stays as it was.
+            self._seq = max_seq
+            self._mem = mem
+            self._imms = []
+            self._wal_write = self._refuse_write
+            self._publish(vs.current)
+            return
         if len(mem):
             edit.new_files.append((0, self._write_level0(mem)))
         vs.last_sequence = max_seq
@@ -365,9 +395,16 @@ class DB:
     def _check_writable(self) -> None:
         if self._closed:
             raise DBClosed(f"{self.path}: database is closed")
+        if self.read_only:
+            raise InvalidArgument(f"{self.path}: database is open read-only")
         if self._bg_error is not None:
             raise BackgroundError(f"{self.path}: writes stopped after a background error: "
                                   f"{self._bg_error}")
+
+    def _refuse_write(self, data: bytes) -> None:
+        """A read-only handle's WAL append: every write appends before it changes any
+        state, so refusing here costs the writers' fast paths nothing."""
+        raise InvalidArgument(f"{self.path}: database is open read-only")
 
     def put(self, key: bytes, value: bytes, sync: bool = False) -> None:
         if type(key) is not bytes:
@@ -430,8 +467,8 @@ class DB:
         if self._slowdown:
             self._delay(0)
         with self._lock:
-            if self._closed or self._bg_error is not None:
-                self._check_writable()
+            # Unconditional: with no key in the range nothing is appended to refuse.
+            self._check_writable()
             mem, imms, version = self._sv
             mems = [m for m in (mem, *imms) if len(m)]
             keys = [k for k, _ in self._scan(mems, version, begin, end, False, self._seq)]
@@ -955,6 +992,8 @@ class DB:
 
     def wait_for_compactions(self, timeout: float = 60.0) -> None:
         """Block until no compaction is running or pending (for tests and tools)."""
+        if self.read_only:
+            return  # no background work runs, though the levels may want some
         deadline = time.monotonic() + timeout
         with self._lock:
             while time.monotonic() < deadline:
@@ -1023,6 +1062,14 @@ class DB:
         """Flush the memtable, wait for background work, release the lock."""
         if self._closed:
             return
+        if self.read_only:
+            # Nothing was written and no thread started: just let go of the files.
+            with self._lock:
+                self._closed = True
+                self._vs.close()
+                self._release_lock()
+                self.cache.clear()
+            return
         try:
             if self._bg_error is None:
                 self.flush()
@@ -1053,6 +1100,38 @@ class DB:
                 self.close()
             except Exception:  # noqa: BLE001 - interpreter shutdown
                 pass
+
+
+def _must_create(path: str, options: Options, read_only: bool) -> bool:
+    """Whether opening ``path`` creates a database; raise if it may not be opened.
+
+    Reads only: nothing is created or locked until the directory has passed.
+    """
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        names = None
+    except NotADirectoryError:
+        raise InvalidArgument(f"{path}: not a directory") from None
+    if names is not None and "CURRENT" in names:
+        if options.error_if_exists:
+            raise InvalidArgument(f"{path}: database exists (error_if_exists is on)")
+        return False
+    # A LOCK alone is what a creation interrupted before writing CURRENT leaves;
+    # such a directory still counts as empty, so the creation can be retried.
+    others = [n for n in names or () if n != "LOCK"]
+    if any(m and (m.group(2) == "sst" or m.group(3)) for m in map(_FILE_RE.match, others)):
+        raise Corruption(os.path.join(path, "CURRENT"), None,
+                         "CURRENT is missing but tables or MANIFESTs exist")
+    if others:
+        if read_only or not options.create_if_missing:
+            raise InvalidArgument(f"{path}: not a database (no CURRENT file)")
+        raise InvalidArgument(f"{path}: not a database (no CURRENT file) and not empty; "
+                              "a database is only created in a missing or empty directory")
+    if read_only or not options.create_if_missing:
+        what = "no such directory" if names is None else "the directory is empty"
+        raise InvalidArgument(f"{path}: database does not exist ({what})")
+    return True
 
 
 def _level_tables(files: list[FileMeta], largests: list[bytes], lower: bytes | None,

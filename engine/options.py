@@ -1,7 +1,8 @@
 """Options of a database and the OPTIONS file that records them.
 
-The OPTIONS file is ``name=value`` lines, written at every open (tmp + rename); it
-documents how the database was last opened and is not read back.
+The OPTIONS file is ``name=value`` lines, written at every open that may write (tmp +
+rename; a read-only open writes nothing); it documents how the database was last
+opened and is not read back.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from .errors import InvalidArgument
 
 @dataclass
 class Options:
+    # Create a database where there is none (no CURRENT file), but only in a missing
+    # or empty directory: one holding other files is refused and left untouched.
+    # A read-only open (DB.open(..., read_only=True)) never creates.
     create_if_missing: bool = True
+    # Refuse to open a database that already exists (CURRENT is present).
     error_if_exists: bool = False
     # The write buffer and level-1 budget follow RocksDB's defaults.
     write_buffer_size: int = 64 << 20

@@ -108,3 +108,70 @@ def test_locked_database_and_entry_point(tmp_path):
     r = subprocess.run([*cmd, str(db_path), "put", "k", "v"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def files(path: Path) -> dict[str, bytes]:
+    """Every file of a database directory with its bytes, to show nothing changed."""
+    return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
+
+
+READ_ONLY = [["get", "k"], ["scan"], ["stats"], ["check"]]
+WRITING = [["put", "k", "v"], ["delete", "k"]]
+
+
+@pytest.mark.parametrize("args", READ_ONLY, ids=lambda a: a[0])
+def test_read_only_commands_leave_a_directory_that_is_not_a_database_alone(tmp_path, capsys,
+                                                                            args):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "hosts").write_text("127.0.0.1 localhost\n")
+    before = files(etc)
+    code, out, err = run(capsys, etc, *args)
+    assert files(etc) == before
+    assert (code, out) == (1, "")
+    assert err == f"lsmdb: error: {etc}: not a database (no CURRENT file)\n"
+
+
+@pytest.mark.parametrize("args", READ_ONLY, ids=lambda a: a[0])
+def test_read_only_commands_on_a_missing_or_empty_directory_create_nothing(tmp_path, capsys,
+                                                                            args):
+    missing = tmp_path / "missing"
+    code, out, err = run(capsys, missing, *args)
+    assert not missing.exists() and os.listdir(tmp_path) == []
+    assert (code, out) == (1, "")
+    assert err == f"lsmdb: error: {missing}: database does not exist (no such directory)\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = run(capsys, empty, *args)
+    assert os.listdir(empty) == []
+    assert (code, out) == (1, "")
+    assert err == f"lsmdb: error: {empty}: database does not exist (the directory is empty)\n"
+
+
+@pytest.mark.parametrize("args", WRITING, ids=lambda a: a[0])
+def test_writing_commands_refuse_a_non_empty_directory_that_is_not_a_database(tmp_path, capsys,
+                                                                               args):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("keep me\n")
+    before = files(home)
+    code, out, err = run(capsys, home, *args)
+    assert files(home) == before
+    assert (code, out) == (1, "")
+    assert err == (f"lsmdb: error: {home}: not a database (no CURRENT file) and not empty; "
+                   "a database is only created in a missing or empty directory\n")
+
+
+def test_put_creates_a_database_in_an_empty_directory_that_reads_leave_unchanged(tmp_path,
+                                                                                  capsys):
+    db = tmp_path / "db"
+    db.mkdir()
+    assert run(capsys, db, "put", "k", "v") == (0, "", "")
+    assert "CURRENT" in os.listdir(db)
+    before = files(db)
+    assert run(capsys, db, "get", "k") == (0, "v\n", "")
+    assert run(capsys, db, "scan") == (0, "k\tv\n", "")
+    assert run(capsys, db, "stats")[0] == 0
+    assert run(capsys, db, "check") == (0, "ok: 1 tables checked\n", "")
+    # Reading starts no new MANIFEST or log and rewrites no OPTIONS.
+    assert files(db) == before
