@@ -46,18 +46,19 @@ class FsckReport:
         return self.repair or not self.problems
 
 
-def _walk_files(root: bytes) -> list[bytes]:
+def walk_files(root: bytes) -> list[bytes]:
+    """Every regular file below ``root`` (outside the metadata), backing-relative.
+    Walks by directory descriptors, so a tree of any depth is fine."""
     skip = {META_DIR.encode(), INIT_DIR.encode()}
     found: list[bytes] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == root:
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(root):
+        rel_dir = dirpath[len(root) + 1:]
+        if not rel_dir:
             dirnames[:] = [d for d in dirnames if d not in skip]
-        rel_dir = os.path.relpath(dirpath, root)
         for name in filenames:
-            rel = name if rel_dir == b"." else rel_dir + b"/" + name
             try:
-                if stat.S_ISREG(os.lstat(os.path.join(dirpath, name)).st_mode):
-                    found.append(rel)
+                if stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                    found.append(rel_dir + b"/" + name if rel_dir else name)
             except FileNotFoundError:
                 continue
     return sorted(found)
@@ -76,7 +77,7 @@ def check(backing: str | os.PathLike[str], source: MasterKeySource, repair: bool
         report.recovery = vault.recovery
         stale = set(vault.recovery.stale)
         entries = {p: i for p, i in vault.files.entries.items() if p not in stale}
-        for rel in _walk_files(os.fsencode(vault.root)):
+        for rel in walk_files(os.fsencode(vault.root)):
             info = entries.get(rel)
             if info is None or info.method == "plaintext":
                 report.plaintext.append(rel)

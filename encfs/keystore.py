@@ -4,8 +4,10 @@ Holds every data key (id, method, key bytes, creation time), which one is active
 the vault secret from which the files.dict MAC key is derived, sealed with AES-256-GCM
 under a key derived from the master key. The header (backend kind, KDF parameters and
 a short key-check value) is authenticated as the GCM associated data, so a wrong
-master key is told apart from a damaged file. The file is only ever replaced whole,
-through ``fsops.atomic_replace``: a crash leaves the old or the new store.
+master key is told apart from a damaged file. Nothing can rebuild the store, so any
+damage to it is a Corruption that says to restore it from a backup. The file is only
+ever replaced whole, through ``fsops.atomic_replace``: a crash leaves the old or the
+new store.
 
 Invariant: a data key is removed only by ``retire``, which refuses the active key and
 any key still referenced.
@@ -13,7 +15,9 @@ any key still referenced.
 
 from __future__ import annotations
 
+import hmac
 import json
+import re
 import secrets
 import struct
 import threading
@@ -29,9 +33,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from encfs.cipher import DEFAULT_METHOD, KEY_SIZES, check_method
-from encfs.errors import Corruption, VaultError, WrongMasterKey
+from encfs.errors import Corruption, VaultError
 from encfs.fsops import atomic_replace
-from encfs.masterkey import MasterKeySource
+from encfs.masterkey import MasterKeySource, header_problem
 
 MAGIC = b"TDEFSKEY"
 VERSION = 1
@@ -130,22 +134,32 @@ class KeyStore:
             raise VaultError(f"vault {vault}: {path} is missing") from None
         header, aad, sealed = _split(raw, path)
         master = source.derive(header, vault)
-        if header.get("key_check") != key_check(master):
-            raise WrongMasterKey(f"wrong master key for vault {vault} (it does not open {path})")
-        try:
-            plain = AESGCM(_seal_key(master)).decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
-        except InvalidTag:
-            raise Corruption(str(path), len(aad), "sealed key store fails authentication") from None
+        if header["key_check"] != key_check(master):
+            # Only the right key authenticates the body: if it does once the header
+            # carries this key's check value, the key is right and the field is damaged.
+            repaired = {**header, "key_check": key_check(master)}
+            if source.kind == "plaintext" or _unseal(master, _aad(repaired), sealed) is not None:
+                raise _damaged(path, _PREFIX.size, "the key check value in the header is damaged")
+            raise source.wrong_key(vault)
+        plain = _unseal(master, aad, sealed)
+        if plain is None:
+            raise _damaged(path, len(aad), "sealed key store fails authentication")
         try:
             return cls(path, vault, header, master, json.loads(plain))
         except (ValueError, KeyError, TypeError) as exc:
-            raise Corruption(str(path), len(aad), f"malformed key store ({exc})") from None
+            raise _damaged(path, len(aad), f"malformed key store ({exc})") from None
 
     # -- reading ------------------------------------------------------------------
 
     @property
     def backend(self) -> str:
         return str(self._header.get("backend"))
+
+    def opens_with(self, source: MasterKeySource) -> bool:
+        """Whether ``source`` gives the master key the store is sealed with now."""
+        if source.kind != self.backend:
+            return False
+        return hmac.compare_digest(source.derive(self._header, self.vault), self._master)
 
     @property
     def active(self) -> DataKey:
@@ -205,10 +219,15 @@ class KeyStore:
             return drop
 
     def reseal(self, source: MasterKeySource) -> None:
-        """Seal the same data keys under a new master key (master key rotation)."""
+        """Seal the same data keys under a new master key (master key rotation).
+        Refuses, changing nothing, a key equal to the current one: a passphrase gets a
+        new salt, so only a key file (or the plaintext key) can be the same."""
         with self._lock:
             header = source.new_header()
             master = source.derive(header, self.vault)
+            if hmac.compare_digest(master, self._master):
+                raise VaultError(f"vault {self.vault} is already sealed with {source.describe()}:"
+                                 " nothing changed (rekey needs a different new key)")
             header["key_check"] = key_check(master)
             old = (self._header, self._master)
             self._header, self._master = header, master
@@ -225,8 +244,7 @@ class KeyStore:
             "next_id": self._next_id,
             "keys": [_key_json(k) for k in sorted(self.keys.values(), key=lambda k: k.id)],
         }
-        header_bytes = json.dumps(self._header, sort_keys=True).encode()
-        aad = _PREFIX.pack(MAGIC, VERSION, len(header_bytes)) + header_bytes
+        aad = _aad(self._header)
         nonce = secrets.token_bytes(NONCE_SIZE)
         sealed = AESGCM(_seal_key(self._master)).encrypt(
             nonce, json.dumps(body, sort_keys=True).encode(), aad)
@@ -235,6 +253,25 @@ class KeyStore:
 
 def _seal_key(master: bytes) -> bytes:
     return hkdf(master, b"tdefs keys.dict seal v1")
+
+
+def _aad(header: dict[str, Any]) -> bytes:
+    """The bytes before the nonce: prefix and header, authenticated as associated data."""
+    header_bytes = json.dumps(header, sort_keys=True).encode()
+    return _PREFIX.pack(MAGIC, VERSION, len(header_bytes)) + header_bytes
+
+
+def _unseal(master: bytes, aad: bytes, sealed: bytes) -> bytes | None:
+    """The body, or None when it fails authentication under ``master`` and ``aad``."""
+    try:
+        return AESGCM(_seal_key(master)).decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
+    except InvalidTag:
+        return None
+
+
+def _damaged(path: Path, offset: int, what: str) -> Corruption:
+    return Corruption(str(path), offset, f"{what}; it holds the vault's data keys and nothing"
+                      " can rebuild it: restore it from a backup")
 
 
 def _new_key(key_id: int, method: str) -> DataKey:
@@ -247,19 +284,25 @@ def _key_json(k: DataKey) -> dict[str, Any]:
 
 def _split(raw: bytes, path: Path) -> tuple[dict[str, Any], bytes, bytes]:
     if len(raw) < _PREFIX.size:
-        raise Corruption(str(path), 0, "file too short for a keys.dict header")
+        raise _damaged(path, 0, "file too short for a keys.dict header")
     magic, version, hlen = _PREFIX.unpack_from(raw)
     if magic != MAGIC:
-        raise Corruption(str(path), 0, "not a tdefs keys.dict (bad magic)")
+        raise _damaged(path, 0, "not a tdefs keys.dict (bad magic)")
     if version != VERSION:
         raise VaultError(f"{path}: keys.dict format version {version} is not supported")
     end = _PREFIX.size + hlen
     if len(raw) < end + NONCE_SIZE + 16:
-        raise Corruption(str(path), len(raw), "file truncated")
+        raise _damaged(path, len(raw), "file truncated")
     try:
         header = json.loads(raw[_PREFIX.size:end])
         if not isinstance(header, dict):
             raise ValueError("header is not an object")
+        problem = header_problem(header)
+        if problem is not None:
+            raise ValueError(problem)
+        if not (isinstance(header.get("key_check"), str)
+                and re.fullmatch(r"[0-9a-f]{32}", header["key_check"])):
+            raise ValueError("malformed key check value")
     except ValueError as exc:
-        raise Corruption(str(path), _PREFIX.size, f"malformed header ({exc})") from None
+        raise _damaged(path, _PREFIX.size, f"malformed header ({exc})") from None
     return header, raw[:end], raw[end:]

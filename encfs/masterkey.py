@@ -14,6 +14,7 @@ import argparse
 import getpass
 import hashlib
 import os
+import re
 import secrets
 import stat
 import sys
@@ -38,7 +39,37 @@ def _describe_backend(kind: str) -> str:
         "key-file": "a key file (--key-file)",
         "passphrase": "a passphrase (--passphrase-file, --passphrase-env or --passphrase)",
         "plaintext": "the plaintext test key (--plaintext-key)",
-    }.get(kind, f"an unknown backend {kind!r}")
+    }[kind]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def header_problem(header: dict[str, Any]) -> str | None:
+    """Why the backend part of a keys.dict header is malformed, or None if it is sound.
+
+    The header is authenticated only once the master key it describes has been
+    derived, so damage to it must be recognised here, before it can pass for a
+    wrong key; this also bounds the scrypt work a header may ask for."""
+    backend = header.get("backend")
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}"
+    if backend != "passphrase":
+        return None
+    kdf = header.get("kdf")
+    if not isinstance(kdf, dict):
+        return "no key derivation parameters"
+    if kdf.get("name") != "scrypt":
+        return f"unknown key derivation {kdf.get('name')!r}"
+    salt, n, r, p = kdf.get("salt"), kdf.get("n"), kdf.get("r"), kdf.get("p")
+    if not (isinstance(salt, str) and re.fullmatch(r"(?:[0-9a-f]{2})+", salt)):
+        return "malformed scrypt salt"
+    if not (_is_int(n) and _is_int(r) and _is_int(p)):
+        return "malformed scrypt cost"
+    if not (2 <= n <= SCRYPT_MAX_N and n & (n - 1) == 0 and 1 <= r <= 64 and 1 <= p <= 64):
+        return f"scrypt n={n} r={r} p={p} is outside the accepted range"
+    return None
 
 
 def read_key_file(path: str | Path) -> bytes:
@@ -110,6 +141,21 @@ class MasterKeySource:
     def __repr__(self) -> str:
         return f"MasterKeySource({self.kind!r})"
 
+    def describe(self) -> str:
+        """What the user gave, for messages: "key file K", "the passphrase"."""
+        if self.kind == "key-file":
+            return f"key file {self.path}"
+        return "the passphrase" if self.kind == "passphrase" else "the plaintext test key"
+
+    def wrong_key(self, vault: str) -> WrongMasterKey:
+        """The error for a key of the vault's own backend that does not open it."""
+        if self.kind == "key-file":
+            return WrongMasterKey(f"wrong key file {self.path} for vault {vault}"
+                                  " (give the key file the vault was made or last rekeyed with)")
+        if self.kind == "passphrase":
+            return WrongMasterKey(f"wrong passphrase for vault {vault}")
+        return WrongMasterKey(f"the plaintext test key does not open vault {vault}")
+
     def check(self) -> None:
         """Fail now, before anything is written, if the key cannot be had (key file)."""
         if self.kind == "key-file":
@@ -131,10 +177,12 @@ class MasterKeySource:
 
     def derive(self, header: dict[str, Any], vault: str) -> bytes:
         """The master key for a keys.dict whose header is ``header``."""
-        backend = header.get("backend")
-        if backend != self.kind:
+        problem = header_problem(header)
+        if problem is not None:
+            raise VaultError(f"vault {vault}: keys.dict has a malformed header ({problem})")
+        if header["backend"] != self.kind:
             raise WrongMasterKey(
-                f"vault {vault} is sealed with {_describe_backend(str(backend))},"
+                f"vault {vault} is sealed with {_describe_backend(header['backend'])},"
                 f" not {_describe_backend(self.kind)}"
             )
         if self.kind == "key-file":
@@ -142,19 +190,9 @@ class MasterKeySource:
             return read_key_file(self.path)
         if self.kind == "plaintext":
             return bytes(MASTER_KEY_SIZE)
-        kdf = header.get("kdf") or {}
-        try:
-            salt = bytes.fromhex(kdf["salt"])
-            n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-        except (KeyError, TypeError, ValueError):
-            raise VaultError(f"vault {vault}: keys.dict has a malformed scrypt header") from None
-        if kdf.get("name") != "scrypt":
-            raise VaultError(f"vault {vault}: unknown key derivation {kdf.get('name')!r}")
-        if not (2 <= n <= SCRYPT_MAX_N and n & (n - 1) == 0 and 1 <= r <= 64 and 1 <= p <= 64):
-            # the header is read before anything is authenticated: bound the work it asks for
-            raise VaultError(f"vault {vault}: keys.dict asks for scrypt n={n} r={r} p={p},"
-                             " outside the accepted range")
-        return hashlib.scrypt(self._secret, salt=salt, n=n, r=r, p=p,
+        kdf = header["kdf"]
+        n, r, p = kdf["n"], kdf["r"], kdf["p"]
+        return hashlib.scrypt(self._secret, salt=bytes.fromhex(kdf["salt"]), n=n, r=r, p=p,
                               maxmem=256 * n * r + (1 << 20), dklen=MASTER_KEY_SIZE)
 
 
@@ -202,6 +240,29 @@ def _strip_newline(secret: bytes) -> bytes:
     return secret
 
 
+def _ask_passphrase(confirm: bool) -> bytes:
+    """The passphrase typed on the terminal (twice with ``confirm``); when stdin is not
+    a terminal, its first line, read once and silently (getpass would fall back to
+    echoing stdin with a warning, or ask a terminal the caller did not mean)."""
+    if sys.stdin is None or not sys.stdin.isatty():
+        line = sys.stdin.buffer.readline() if sys.stdin is not None else b""
+        if not line:
+            raise TdefsError("no passphrase given: stdin is not a terminal and is empty"
+                             " (pipe the passphrase in, or use --passphrase-file)")
+        secret = _strip_newline(line)
+    else:
+        try:
+            first = getpass.getpass("Passphrase: ")
+            if confirm and getpass.getpass("Repeat passphrase: ") != first:
+                raise TdefsError("the passphrases do not match")
+        except EOFError:
+            raise TdefsError("no passphrase given") from None
+        secret = first.encode()
+    if not secret:
+        raise TdefsError("the passphrase is empty")
+    return secret
+
+
 def source_from_args(args: argparse.Namespace, confirm: bool = False) -> MasterKeySource:
     """Build the source the options name; ``confirm`` asks a terminal passphrase twice."""
     if getattr(args, "key_file", None):
@@ -220,15 +281,7 @@ def source_from_args(args: argparse.Namespace, confirm: bool = False) -> MasterK
             raise TdefsError(f"environment variable {args.passphrase_env} is unset or empty")
         return MasterKeySource.passphrase(value)
     if getattr(args, "passphrase", False):
-        try:
-            first = getpass.getpass("Passphrase: ")
-            if confirm and getpass.getpass("Repeat passphrase: ") != first:
-                raise TdefsError("the passphrases do not match")
-        except EOFError:
-            raise TdefsError("no passphrase given") from None
-        if not first:
-            raise TdefsError("the passphrase is empty")
-        return MasterKeySource.passphrase(first.encode())
+        return MasterKeySource.passphrase(_ask_passphrase(confirm))
     if getattr(args, "plaintext_key", False):
         return MasterKeySource.plaintext()
     raise TdefsError("no master key given (use --key-file, --passphrase-file, --passphrase-env,"

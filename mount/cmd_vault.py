@@ -12,7 +12,7 @@ from typing import Any
 
 from encfs.cipher import DEFAULT_METHOD, METHODS
 from encfs.errors import TdefsError
-from encfs.fsck import FsckReport, check
+from encfs.fsck import FsckReport, walk_files, check
 from encfs.masterkey import (
     add_key_options,
     add_new_key_options,
@@ -20,7 +20,7 @@ from encfs.masterkey import (
     new_source_from_args,
     source_from_args,
 )
-from encfs.vault import Vault
+from encfs.vault import FILES_DICT, Vault
 
 
 def register(sub: Any) -> None:
@@ -71,8 +71,13 @@ def _init(args: argparse.Namespace) -> int:
     vault = Vault.create(args.backing, source, method=args.method, durability=args.durability)
     try:
         print(f"initialised vault {vault.root} (cipher {vault.method}, master key: {source.kind})")
+        existing = len(walk_files(os.fsencode(vault.root)))
     finally:
         vault.close()
+    if existing:
+        print(f"tdefs: warning: the {existing} {'file' if existing == 1 else 'files'} already in"
+              f" {vault.root} stay plaintext (readable through the mount, not encrypted) until"
+              " rewritten through the mount", file=sys.stderr)
     return 0
 
 
@@ -83,8 +88,12 @@ def _show(path: bytes) -> str:
 def _print_report(r: FsckReport) -> None:
     out = sys.stdout
     if r.corruption is not None:
-        print(f"files.dict: {r.corruption}", file=out)
-        print("run `tdefs fsck --repair` to cut the log at the last good record", file=out)
+        # the message says what to do about a damaged keys.dict (restore it); only
+        # files.dict's log can be cut at its last good record
+        damaged = os.path.basename(r.corruption.path)
+        print(f"{damaged}: {r.corruption}", file=out)
+        if damaged == FILES_DICT and not r.repair:
+            print("run `tdefs fsck --repair` to cut the log at the last good record", file=out)
         return
     verb = "removed" if r.repair else "found"
     if r.salvage is not None:
@@ -128,6 +137,8 @@ def _fsck(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
+    # the current key first: passphrases read from stdin come in the order old, new
+    source = source_from_args(args)
     new_source = None
     if args.action == "rekey":
         if args.generate_key and args.new_key_file and not os.path.lexists(args.new_key_file):
@@ -135,11 +146,13 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"wrote a new master key to {args.new_key_file} (mode 0600)")
         new_source = new_source_from_args(args)
         new_source.check()
-    with Vault.open(args.backing, source_from_args(args)) as vault:
+    with Vault.open(args.backing, source) as vault:
         if new_source is not None:
             vault.keys.reseal(new_source)
+            old = ("the same passphrase still opens it (re-sealed with a new salt)"
+                   if vault.keys.opens_with(source) else "the old one no longer opens it")
             print(f"vault {vault.root} is now sealed with the new master key ({new_source.kind});"
-                  " the old one no longer opens it")
+                  f" {old}")
             return 0
         if args.action == "rotate":
             key_id = vault.keys.rotate(args.method)

@@ -121,6 +121,14 @@ def _check_mountpoint(mountpoint: Path, backing: Path) -> None:
         if inner == outer or inner.startswith(outer.rstrip("/") + "/"):
             raise MountError(f"the mountpoint {mountpoint} and the vault {backing} must not "
                              "contain each other")
+    try:
+        hidden = len(os.listdir(mountpoint))
+    except OSError:
+        hidden = 0  # cannot list it: the mount itself will say what is wrong
+    if hidden:
+        entries = "entry in it is" if hidden == 1 else "entries in it are"
+        print(f"tdefs: warning: mountpoint {mountpoint} is not empty: the {hidden} {entries}"
+              " hidden while the vault is mounted", file=sys.stderr)
 
 
 def check(req: MountRequest) -> None:

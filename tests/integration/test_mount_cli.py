@@ -24,6 +24,7 @@ from conftest import (
     mounted_at,
     require_fuse,
     run_tdefs,
+    umount,
 )
 
 from mount.fs import VaultFS
@@ -83,6 +84,27 @@ def test_mountpoint_inside_the_vault_is_refused(v: VaultPaths) -> None:
     inner.mkdir()
     proc = run_tdefs("mount", v.backing, inner, *v.key_args(), check=False)
     assert "contain" in one_line_error(proc)
+
+
+def test_mount_over_a_non_empty_directory_warns_and_mounts(v: VaultPaths) -> None:
+    (v.mountpoint / "left-behind").write_bytes(b"under the mount")
+    (v.mountpoint / "subdir").mkdir()
+    try:
+        proc = run_tdefs("mount", v.backing, v.mountpoint, *v.key_args(), "--log", v.log)
+        assert proc.stderr.decode() == (
+            f"tdefs: warning: mountpoint {os.path.realpath(v.mountpoint)} is not empty: the 2"
+            " entries in it are hidden while the vault is mounted\n")
+        assert is_mounted(v.mountpoint)
+        assert os.listdir(v.mountpoint) == []  # the vault's (empty) tree, not what is under it
+        (v.mountpoint / "through").write_bytes(b"written through the mount")
+        assert (v.mountpoint / "through").read_bytes() == b"written through the mount"
+        umount(v)
+    finally:
+        force_cleanup(v.mountpoint)
+    assert sorted(os.listdir(v.mountpoint)) == ["left-behind", "subdir"]
+    assert (v.mountpoint / "left-behind").read_bytes() == b"under the mount"
+    stored = (v.backing / "through").read_bytes()
+    assert len(stored) == len(b"written through the mount") and b"written" not in stored
 
 
 def test_busy_mountpoint(v: VaultPaths, tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.fixture
 def initialised(tmp_path, capsys) -> tuple[Path, Path]:
     backing, key = tmp_path / "vault", tmp_path / "master.key"
-    code, out, _ = run(capsys, "init", str(backing), "--key-file", str(key), "--generate-key")
-    assert code == 0 and "initialised vault" in out
+    code, out, err = run(capsys, "init", str(backing), "--key-file", str(key), "--generate-key")
+    assert code == 0 and "initialised vault" in out and err == ""
     assert key.stat().st_mode & 0o777 == 0o600
     return backing, key
 
@@ -58,7 +60,36 @@ def test_init_with_passphrase_file_and_method(tmp_path, capsys):
     assert code == 0 and "sm4-ctr" in out
     pw.write_text("hunter3\n")
     code, _, err = run(capsys, "keys", "list", str(tmp_path / "v"), "--passphrase-file", str(pw))
-    assert code == 1 and "wrong master key" in err
+    assert err == f"tdefs: error: wrong passphrase for vault {tmp_path / 'v'}\n"
+
+
+def test_init_passphrase_piped_in_without_a_terminal(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TDEFS_FAILPOINTS"}
+    # a new session has no controlling terminal, so getpass cannot fall back to /dev/tty
+    proc = subprocess.run([sys.executable, "-m", "mount.cli", "init", str(tmp_path / "v"),
+                           "--passphrase"], input=b"piped secret\n", capture_output=True,
+                          cwd=repo, env=env, start_new_session=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert b"Warning" not in proc.stderr and proc.stderr == b""
+    proc = subprocess.run([sys.executable, "-m", "mount.cli", "keys", "list", str(tmp_path / "v"),
+                           "--passphrase-env", "TDEFS_TEST_PW"], capture_output=True, cwd=repo,
+                          env={**env, "TDEFS_TEST_PW": "piped secret"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert b"aes-256-ctr" in proc.stdout
+
+
+def test_init_over_existing_files_warns_they_stay_plaintext(tmp_path, capsys):
+    backing = tmp_path / "data"
+    (backing / "sub").mkdir(parents=True)
+    (backing / "a.txt").write_bytes(b"old")
+    (backing / "sub" / "b.txt").write_bytes(b"older")
+    os.symlink("a.txt", backing / "link")  # not a file that could be encrypted
+    code, out, err = run(capsys, "init", str(backing), "--key-file", str(tmp_path / "k"),
+                         "--generate-key")
+    assert code == 0 and "initialised vault" in out
+    assert err == (f"tdefs: warning: the 2 files already in {backing} stay plaintext (readable"
+                   " through the mount, not encrypted) until rewritten through the mount\n")
 
 
 def test_keys_list_and_rotate(initialised, capsys):
@@ -118,6 +149,37 @@ def test_fsck_repair_salvages_a_corrupt_log(initialised, capsys):
         assert set(v.files.entries) == {n.encode() for n in names[:6]}
 
 
+@pytest.mark.parametrize("repair", [False, True])
+def test_fsck_on_a_damaged_keys_dict_says_restore_it_not_repair(initialised, capsys, repair):
+    backing, key = initialised
+    keys = backing / ".tdefs" / "keys.dict"
+    data = bytearray(keys.read_bytes())
+    data[-1] ^= 0x01  # in the GCM tag
+    keys.write_bytes(bytes(data))
+    code, out, _ = run(capsys, "fsck", str(backing), "--key-file", str(key),
+                       *(["--repair"] if repair else []))
+    assert code == 1
+    assert out.startswith(f"keys.dict: corruption in {keys} at offset ")
+    assert out.count("\n") == 1 and out.rstrip().endswith(
+        "it holds the vault's data keys and nothing can rebuild it: restore it from a backup")
+    assert "files.dict" not in out and "--repair" not in out
+    assert keys.read_bytes() == bytes(data)
+
+
+def test_fsck_on_a_flipped_backend_name_is_damage_not_a_wrong_key(initialised, capsys):
+    backing, key = initialised
+    keys = backing / ".tdefs" / "keys.dict"
+    keys.write_bytes(keys.read_bytes().replace(b'"key-file"', b'"key,file"', 1))
+    code, out, _ = run(capsys, "fsck", str(backing), "--key-file", str(key))
+    assert code == 1
+    assert out.startswith(f"keys.dict: corruption in {keys} at offset 14: malformed header"
+                          " (unknown backend 'key,file'); ")
+    assert "restore it from a backup" in out
+    code, _, err = run(capsys, "keys", "list", str(backing), "--key-file", str(key))
+    assert code == 1 and err.count("\n") == 1 and "restore it from a backup" in err
+    assert "wrong" not in err and "sealed with" not in err
+
+
 def test_not_a_vault_and_bad_key_file_mode(tmp_path, capsys):
     code, _, err = run(capsys, "fsck", str(tmp_path), "--plaintext-key")
     assert code == 1 and "not a tdefs vault" in err
@@ -138,11 +200,36 @@ def test_keys_rekey_changes_the_master_key(initialised, capsys):
                        "--new-key-file", str(new), "--generate-key")
     assert code == 0 and "new master key" in out
     code, _, err = run(capsys, "keys", "list", str(backing), "--key-file", str(key))
-    assert code == 1 and "wrong master key" in err
+    assert code == 1 and f"wrong key file {key} for vault {backing}" in err
     with Vault.open(backing, MasterKeySource.key_file(new)) as v:
         fd = os.open(backing / "a", os.O_RDONLY)
         assert content.read_at(fd, v.cipher_for(b"a"), 100, 0) == b"A" * 20
         os.close(fd)
+
+
+def test_keys_rekey_to_the_same_key_file_changes_nothing(initialised, capsys):
+    backing, key = initialised
+    keys = backing / ".tdefs" / "keys.dict"
+    before = keys.read_bytes()
+    code, out, err = run(capsys, "keys", "rekey", str(backing), "--key-file", str(key),
+                         "--new-key-file", str(key), "--generate-key")
+    assert code == 1 and out == ""
+    assert err == (f"tdefs: error: vault {backing} is already sealed with key file {key}:"
+                   " nothing changed (rekey needs a different new key)\n")
+    assert keys.read_bytes() == before
+    code, _, _ = run(capsys, "keys", "list", str(backing), "--key-file", str(key))
+    assert code == 0
+
+
+def test_keys_rekey_to_the_same_passphrase_says_it_still_opens(tmp_path, capsys):
+    pw = tmp_path / "pw"
+    pw.write_text("same\n")
+    backing = tmp_path / "v"
+    assert run(capsys, "init", str(backing), "--passphrase-file", str(pw))[0] == 0
+    code, out, _ = run(capsys, "keys", "rekey", str(backing), "--passphrase-file", str(pw),
+                       "--new-passphrase-file", str(pw))
+    assert code == 0 and "the same passphrase still opens it" in out
+    assert "no longer opens" not in out
 
 
 def test_init_durability_option(tmp_path, capsys):

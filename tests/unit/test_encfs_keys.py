@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from encfs.errors import Corruption, TdefsError, VaultError, WrongMasterKey
 from encfs.keystore import KeyStore
 from encfs.masterkey import (
     MasterKeySource,
+    _ask_passphrase,
     add_key_options,
     generate_key_file,
     read_key_file,
@@ -79,7 +83,11 @@ def test_wrong_master_key_is_refused_without_touching_any_file(tmp_path, kind):
     before = tree_snapshot(backing)
     with pytest.raises(WrongMasterKey) as err:
         Vault.open(backing, wrong)
-    assert str(backing) in str(err.value)
+    if kind == "key-file":
+        assert str(err.value) == f"wrong key file {tmp_path / 'bad'} for vault {backing}" \
+            " (give the key file the vault was made or last rekeyed with)"
+    else:
+        assert str(err.value) == f"wrong passphrase for vault {backing}"
     assert tree_snapshot(backing) == before
     with Vault.open(backing, right) as v:
         assert v.recovery.stale == [b"f"]
@@ -138,10 +146,106 @@ def test_tampered_keys_dict_is_corruption_not_wrong_key(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(Corruption) as err:
         KeyStore.open(path, MasterKeySource.key_file(key))
-    assert str(path) in str(err.value)
+    assert str(path) in str(err.value) and "restore it from a backup" in str(err.value)
     path.write_bytes(b"TDEFSKEY\x00\x01")
     with pytest.raises(Corruption):
         KeyStore.open(path, MasterKeySource.key_file(key))
+
+
+def _header_span(raw: bytes) -> tuple[int, int]:
+    """Where keys.dict's JSON header is: after magic (8), version (2) and length (4)."""
+    return 14, 14 + int.from_bytes(raw[10:14], "big")
+
+
+def _damage_header(path: Path, edit) -> None:
+    """Rewrite keys.dict's JSON header through ``edit`` (same length), keeping the rest."""
+    raw = path.read_bytes()
+    start, end = _header_span(raw)
+    header = edit(raw[start:end].decode())
+    assert len(header) == end - start
+    path.write_bytes(raw[:start] + header.encode() + raw[end:])
+
+
+def _salt(path: Path) -> str:
+    raw = path.read_bytes()
+    start, end = _header_span(raw)
+    return json.loads(raw[start:end])["kdf"]["salt"]
+
+
+def _overwrite(text: str, field: str, new: str) -> str:
+    """``text`` with the start of string field ``field``'s value overwritten by ``new``."""
+    i = text.index(f'"{field}": "') + len(field) + 5
+    return text[:i] + new + text[i + len(new):]
+
+
+def _flip_hex_digit(text: str, field: str) -> str:
+    i = text.index(f'"{field}": "') + len(field) + 5
+    return _overwrite(text, field, "1" if text[i] != "1" else "2")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda h: h.replace('"key-file"', '"key,file"'),  # a flipped bit in the backend name
+    lambda h: h.replace('"key-file"', '"passphra"'),  # not a backend: no kdf to go with it
+    lambda h: _overwrite(h, "key_check", "g"),  # not hex
+    lambda h: _flip_hex_digit(h, "key_check"),  # still hex: only the key check is wrong
+])
+def test_damaged_header_is_corruption_not_wrong_key(tmp_path, damage):
+    key = tmp_path / "k"
+    generate_key_file(key)
+    path = tmp_path / "keys.dict"
+    KeyStore.create(path, MasterKeySource.key_file(key))
+    _damage_header(path, damage)
+    with pytest.raises(Corruption) as err:
+        KeyStore.open(path, MasterKeySource.key_file(key))
+    assert not isinstance(err.value, WrongMasterKey)
+    assert str(path) in str(err.value) and "restore it from a backup" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda h: h.replace('"scrypt"', '"scrypu"'),
+    lambda h: h.replace('"n": 1024', '"n": 1025'),  # not a power of two
+    lambda h: h.replace('"n": 1024', '"n": 10.4'),  # not an integer
+    lambda h: _overwrite(h, "salt", "  "),  # bytes.fromhex would skip the blanks
+])
+def test_damaged_scrypt_header_is_corruption_not_wrong_passphrase(tmp_path, damage):
+    path = tmp_path / "keys.dict"
+    KeyStore.create(path, MasterKeySource.passphrase(b"pw", scrypt_n=FAST_N))
+    _damage_header(path, damage)
+    with pytest.raises(Corruption) as err:
+        KeyStore.open(path, MasterKeySource.passphrase(b"pw"))
+    assert not isinstance(err.value, WrongMasterKey) and "malformed header" in str(err.value)
+
+
+def test_damaged_key_check_with_a_wrong_key_is_still_a_wrong_key(tmp_path):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    generate_key_file(good)
+    generate_key_file(bad)
+    path = tmp_path / "keys.dict"
+    KeyStore.create(path, MasterKeySource.key_file(good))
+    _damage_header(path, lambda h: _flip_hex_digit(h, "key_check"))
+    with pytest.raises(WrongMasterKey, match="wrong key file"):
+        KeyStore.open(path, MasterKeySource.key_file(bad))
+
+
+def test_reseal_refuses_the_same_master_key_and_changes_nothing(tmp_path):
+    key = tmp_path / "k"
+    generate_key_file(key)
+    path = tmp_path / "keys.dict"
+    store = KeyStore.create(path, MasterKeySource.key_file(key))
+    before = path.read_bytes()
+    with pytest.raises(VaultError, match="already sealed with key file") as err:
+        store.reseal(MasterKeySource.key_file(key))
+    assert not isinstance(err.value, WrongMasterKey)
+    assert path.read_bytes() == before
+    assert KeyStore.open(path, MasterKeySource.key_file(key)).keys == store.keys
+    # the same passphrase under a new salt is a new master key: re-sealed, and still opens
+    pw = MasterKeySource.passphrase(b"pw", scrypt_n=FAST_N)
+    store.reseal(pw)
+    salt = _salt(path)
+    store.reseal(pw)
+    assert _salt(path) != salt
+    assert store.opens_with(pw) and not store.opens_with(MasterKeySource.key_file(key))
 
 
 def test_keys_dict_torn_mid_replace_still_opens(tmp_path):
@@ -175,6 +279,7 @@ def test_source_from_args(tmp_path, monkeypatch):
     monkeypatch.delenv("TDEFS_TEST_PW")
     with pytest.raises(TdefsError, match="TDEFS_TEST_PW"):
         source_from_args(_parse(["--passphrase-env", "TDEFS_TEST_PW"]))
+    monkeypatch.setattr("sys.stdin", _Terminal())
     answers = iter(["one", "two"])
     monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
     with pytest.raises(TdefsError, match="do not match"):
@@ -184,6 +289,27 @@ def test_source_from_args(tmp_path, monkeypatch):
     assert source_from_args(_parse(["--key-file", "x"])).kind == "key-file"
     with pytest.raises(SystemExit):
         _parse(["--key-file", "x", "--plaintext-key"])
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_passphrase_from_stdin_that_is_not_a_terminal(monkeypatch):
+    def never(prompt=""):
+        raise AssertionError("getpass must not be used when stdin is not a terminal")
+
+    monkeypatch.setattr("getpass.getpass", never)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"one line\r\nnext\n")))
+    assert _ask_passphrase(confirm=True) == b"one line"  # read once, even with confirm
+    assert sys.stdin.buffer.readline() == b"next\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\n")))
+    with pytest.raises(TdefsError, match="the passphrase is empty"):
+        _ask_passphrase(confirm=False)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    with pytest.raises(TdefsError, match="no passphrase given"):
+        _ask_passphrase(confirm=False)
 
 
 def test_plaintext_backend_warns(tmp_path, capsys):
