@@ -32,7 +32,7 @@ import secrets
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,8 +88,9 @@ class Pending:
     src_ino: int
     ops: list[Op] = field(default_factory=list)
 
-    def happened(self, root: Path) -> bool:
-        """Did the rename this intent describes reach the tree under ``root``?
+    def happened(self, lstat: Callable[[bytes], os.stat_result]) -> bool:
+        """Did the rename this intent describes reach the tree? ``lstat`` looks up a
+        backing-relative path in it (``BackingTree.lstat``).
 
         It did iff ``src`` is no longer the inode it was when the intent was made:
         gone (a plain rename), or another inode (an exchange, where both names exist
@@ -99,8 +100,8 @@ class Pending:
         it was; the test is the same.
         """
         try:
-            st = os.lstat(os.path.join(bytes(root), self.src))
-        except FileNotFoundError:
+            st = lstat(self.src)
+        except (FileNotFoundError, NotADirectoryError):
             return True
         return st.st_ino != self.src_ino
 

@@ -25,21 +25,26 @@ _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_cha
 _renameat2.restype = ctypes.c_int
 
 
-def renameat2(src: str | bytes | Path, dst: str | bytes | Path, flags: int) -> None:
-    """rename(2) with flags (RENAME_NOREPLACE, RENAME_EXCHANGE); raises OSError."""
+def renameat2(src: str | bytes | Path, dst: str | bytes | Path, flags: int, *,
+              src_dir_fd: int | None = None, dst_dir_fd: int | None = None) -> None:
+    """rename(2) with flags (RENAME_NOREPLACE, RENAME_EXCHANGE); raises OSError.
+    Relative paths are taken relative to ``src_dir_fd`` / ``dst_dir_fd`` if given."""
     s = os.fsencode(src)
     d = os.fsencode(dst)
     if flags == 0:
-        os.rename(s, d)
+        os.rename(s, d, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         return
-    if _renameat2(_AT_FDCWD, s, _AT_FDCWD, d, flags) != 0:
+    sfd = _AT_FDCWD if src_dir_fd is None else src_dir_fd
+    dfd = _AT_FDCWD if dst_dir_fd is None else dst_dir_fd
+    if _renameat2(sfd, s, dfd, d, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fsdecode(s), None, os.fsdecode(d))
 
 
-def fsync_dir(path: str | bytes | Path) -> None:
-    """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def fsync_dir(path: str | bytes | Path, *, dir_fd: int | None = None) -> None:
+    """Make the entries of directory ``path`` (creations, renames, unlinks) durable;
+    a relative ``path`` is taken relative to ``dir_fd`` if given."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         os.fsync(fd)
     finally:

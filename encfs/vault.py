@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from encfs.backing import BackingTree
 from encfs.cipher import DEFAULT_METHOD, IV_SIZE, PLAINTEXT, FileCipher, check_method
 from encfs.errors import VaultError
 from encfs.failpoints import failpoint
@@ -49,7 +50,7 @@ from encfs.filedict import (
     FileInfo,
     Op,
 )
-from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, fsync_dir, renameat2, write_all
+from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, fsync_dir, write_all
 from encfs.keystore import KeyStore
 from encfs.masterkey import MasterKeySource
 
@@ -126,7 +127,7 @@ class Vault:
     def __init__(self, root: Path, lock_fd: int, config: dict[str, Any], keys: KeyStore,
                  files: FileDictionary) -> None:
         self.root = root
-        self._root_b = os.fsencode(root)
+        self.tree = BackingTree(os.fsencode(root))
         self._lock_fd = lock_fd
         self.config = config
         self.method: str = config["method"]
@@ -268,6 +269,7 @@ class Vault:
                 self.flush_deletes()
             self.files.close()
         finally:
+            self.tree.close()
             os.close(self._lock_fd)
             self._lock_fd = -1
 
@@ -283,7 +285,7 @@ class Vault:
         report.dropped_tail = self.files.dropped_tail
         resolutions: list[Op] = []
         for p in list(self.files.pending.values()):
-            if p.happened(self.root):
+            if p.happened(self.tree.lstat):
                 resolutions.append(("commit", p.txid))
                 report.committed.append(p.src)
             else:
@@ -312,14 +314,8 @@ class Vault:
 
     # -- lookups --------------------------------------------------------------------
 
-    def _abs(self, rel: bytes) -> bytes:
-        return self._root_b + b"/" + rel
-
     def _is_regular(self, rel: bytes) -> bool:
-        try:
-            return stat.S_ISREG(os.lstat(self._abs(rel)).st_mode)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+        return self.tree.is_regular(rel)
 
     def _cipher(self, info: FileInfo) -> FileCipher:
         c = self._ciphers.get(info)
@@ -396,16 +392,11 @@ class Vault:
         (fd, cipher). An existing file is opened as O_CREAT without O_EXCL would, and
         with O_TRUNC gets a fresh IV (truncate_to_zero)."""
         _check_rel(rel)
-        path = self._abs(rel)
-        try:
-            os.lstat(path)
-            exists = True
-        except FileNotFoundError:
-            exists = False
-        if exists:
+        tree = self.tree
+        if tree.lexists(rel):
             if flags & os.O_EXCL:
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(path))
-            fd = os.open(path, (flags | os.O_CREAT) & ~os.O_TRUNC, mode)
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(rel))
+            fd = tree.open(rel, (flags | os.O_CREAT) & ~os.O_TRUNC, mode)
             if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
                 try:
                     return fd, self.truncate_to_zero(rel, fd)
@@ -416,7 +407,7 @@ class Vault:
         if self.method == "plaintext":
             self._settle_renames_at(rel)
             self._clear_name(rel)
-            return os.open(path, flags | os.O_CREAT, mode), PLAINTEXT
+            return tree.open(rel, flags | os.O_CREAT, mode), PLAINTEXT
         info = self._new_info()
         self._settle_renames_at(rel)
         previous = self.files.entries.get(rel)
@@ -424,7 +415,7 @@ class Vault:
         self.files.append([("put", rel, info)], sync=self._strict)
         failpoint("create.after-new")
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+            fd = tree.open(rel, flags | os.O_CREAT | os.O_EXCL, mode)
         except FileExistsError:
             # created behind the vault's back since the lstat: give it its entry back
             undo: Op = ("put", rel, previous) if previous is not None else ("del", rel)
@@ -438,10 +429,9 @@ class Vault:
     def unlink(self, rel: bytes) -> None:
         """Remove a non-directory; its entry goes once the removal is durable."""
         _check_rel(rel)
-        path = self._abs(rel)
         self._settle_renames_at(rel)
         try:
-            os.unlink(path)
+            self.tree.unlink(rel)
         except FileNotFoundError:
             self._drop_if_stale(rel)
             raise
@@ -477,15 +467,12 @@ class Vault:
             self._settle(rel)
             self.files.append([("del", rel)], sync=self._strict)
 
-    def _dir(self, rel_dir: bytes) -> bytes:
-        return self._abs(rel_dir) if rel_dir else self._root_b
-
     def _fsync_nearest_dir(self, rel_dir: bytes) -> None:
         """fsync ``rel_dir``, or if it is gone, the nearest ancestor still there
         (whose fsync makes the removal of what was below durable)."""
         while True:
             try:
-                fsync_dir(self._dir(rel_dir))
+                self.tree.fsync_dir(rel_dir)
                 return
             except (FileNotFoundError, NotADirectoryError):
                 if not rel_dir:
@@ -497,23 +484,23 @@ class Vault:
         _check_rel(src)
         _check_rel(dst)
         self._settle_renames_at(src, dst)
-        sp, dp = self._abs(src), self._abs(dst)
+        tree = self.tree
         info = self.files.entries.get(src)
         if info is not None and not self._is_regular(src):
             self._drop_if_stale(src)  # then fail (or link a non-file) as link(2) would
             info = None
         if info is None:
-            if not os.path.lexists(dp):
+            if not tree.lexists(dst):
                 self._clear_name(dst)
-            os.link(sp, dp, follow_symlinks=False)
+            tree.link(src, dst)
             return
-        if os.path.lexists(dp):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dp))
+        if tree.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst))
         self._settle(dst)
         self.files.append([("put", dst, info)], sync=self._strict)
         failpoint("link.after-new")
         try:
-            os.link(sp, dp, follow_symlinks=False)
+            tree.link(src, dst)
         except BaseException:
             self.files.append([("del", dst)], sync=False)
             raise
@@ -528,7 +515,7 @@ class Vault:
             own = fd is None
             if own:
                 try:
-                    fd = os.open(self._abs(rel), os.O_WRONLY | os.O_CLOEXEC)
+                    fd = self.tree.open(rel, os.O_WRONLY)
                 except FileNotFoundError:
                     self._drop_if_stale(rel)
                     raise
@@ -558,27 +545,27 @@ class Vault:
         _check_rel(dst)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        sp, dp = self._abs(src), self._abs(dst)
+        tree = self.tree
         try:
-            st_src = os.lstat(sp)
+            st_src = tree.lstat(src)
             try:
-                st_dst: os.stat_result | None = os.lstat(dp)
+                st_dst: os.stat_result | None = tree.lstat(dst)
             except FileNotFoundError:
                 st_dst = None
         except OSError:
             self._drop_if_stale(src)
             # the rename cannot work; let the kernel say why, as rename(2) would
-            renameat2(sp, dp, flags)
+            tree.rename(src, dst, flags)
             raise
         exchange = bool(flags & RENAME_EXCHANGE)
         if exchange and st_dst is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fsdecode(dp))
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fsdecode(dst))
         if flags & RENAME_NOREPLACE and st_dst is not None:
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dp))
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst))
         if (src == dst or (st_dst is not None and st_dst.st_ino == st_src.st_ino
                            and st_dst.st_dev == st_src.st_dev and not exchange)):
             # same file under both names: rename(2) does nothing, and neither do we
-            renameat2(sp, dp, flags)
+            tree.rename(src, dst, flags)
             return
         src_is_dir = stat.S_ISDIR(st_src.st_mode)
         dst_is_dir = st_dst is not None and stat.S_ISDIR(st_dst.st_mode)
@@ -589,7 +576,7 @@ class Vault:
             self._settle_renames_at(src, dst)
         ops = self._rename_ops(src, src_is_dir, dst, dst_is_dir, exchange)
         if not ops:
-            renameat2(sp, dp, flags)
+            tree.rename(src, dst, flags)
             return
         rule = RULE_SRC_REPLACED if exchange else RULE_SRC_GONE
         # unlinks deferred inside a directory being moved (or replaced) must be durable
@@ -604,7 +591,7 @@ class Vault:
         # the rename on (the intent, already durable, covers a crash from here)
         with self._busy_paths(src, dst):
             try:
-                renameat2(sp, dp, flags)
+                tree.rename(src, dst, flags)
             except BaseException:
                 self.files.append([("abort", txid)], sync=False)
                 raise
@@ -623,7 +610,7 @@ class Vault:
                 settled = self.files.deferred_in(parents)
                 if self._strict:
                     for d in parents:
-                        fsync_dir(self._dir(d))
+                        tree.fsync_dir(d)
                 # not synced: until a later sync carries it, a crash leaves the intent,
                 # which recovery resolves by the tree to the same answer
                 self.files.append_deferred(settled, extra=[("commit", txid)])

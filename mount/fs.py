@@ -27,7 +27,6 @@ import pyfuse3
 import trio
 
 from encfs import content
-from encfs.fsops import fsync_dir
 from encfs.vault import META_DIR, Vault
 from mount.inodes import ROOT_INODE, Inode, InodeTable, join, parent_of
 
@@ -111,9 +110,9 @@ class VaultFS(pyfuse3.Operations):
         # remembers for the mount: it then stops asking for security.capability
         # before each write(2), so a write that hits the page cache costs no request.
         self.xattrs = xattrs
-        self._root = os.fsencode(os.path.abspath(vault.root))
+        self.tree = vault.tree
         self._on_ready = on_ready
-        self.inodes = InodeTable(os.lstat(self._root).st_ino)
+        self.inodes = InodeTable(self.tree.lstat(b"").st_ino)
         self._handles: dict[int, _Handle] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_fh = 1
@@ -128,9 +127,6 @@ class VaultFS(pyfuse3.Operations):
 
     def open_files(self) -> int:
         return len(self._handles)
-
-    def _abs(self, rel: bytes) -> bytes:
-        return self._root + b"/" + rel if rel else self._root
 
     def _child(self, parent: int, name: bytes) -> bytes:
         inode = self.inodes.get(parent)
@@ -165,7 +161,7 @@ class VaultFS(pyfuse3.Operations):
         fd = inode.any_fd()
         if fd is not None:
             return os.fstat(fd)
-        return os.lstat(self._abs(inode.any_path()))
+        return self.tree.lstat(inode.any_path())
 
     def _learn(self, rel: bytes, st: os.stat_result, fresh: bool = False) -> pyfuse3.EntryAttributes:
         """Remember `rel` and count one kernel lookup of it."""
@@ -173,19 +169,19 @@ class VaultFS(pyfuse3.Operations):
         inode.lookups += 1
         return self._entry(inode, st)
 
-    def _give_to_caller(self, path: bytes, ctx: pyfuse3.RequestContext,
+    def _give_to_caller(self, rel: bytes, ctx: pyfuse3.RequestContext,
                         fd: int | None = None) -> None:
         """New nodes belong to the caller, as on a local filesystem (we run as root)."""
         if not self._is_root or (ctx.uid == 0 and ctx.gid == 0):
             return
         gid = ctx.gid
-        parent_st = os.lstat(os.path.dirname(path))
+        parent_st = self.tree.lstat(parent_of(rel))
         if parent_st.st_mode & stat.S_ISGID:
             gid = parent_st.st_gid
         if fd is not None:
             os.fchown(fd, ctx.uid, gid)
         else:
-            os.chown(path, ctx.uid, gid, follow_symlinks=False)
+            self.tree.chown(rel, ctx.uid, gid)
 
     @staticmethod
     def _backing_flags(flags: int) -> int:
@@ -198,21 +194,25 @@ class VaultFS(pyfuse3.Operations):
 
     def _open_backing(self, inode: Inode, flags: int) -> int:
         if inode.paths:
-            path = self._abs(inode.any_path())
-            flags |= os.O_NOFOLLOW
+            rel = inode.any_path()
+
+            def opener(f: int) -> int:
+                return self.tree.open(rel, f | os.O_NOFOLLOW)
         else:
             fd = inode.any_fd()
             if fd is None:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-            path = f"/proc/self/fd/{fd}".encode()  # reopening an unlinked file
+
+            def opener(f: int) -> int:
+                return os.open(f"/proc/self/fd/{fd}", f)  # reopening an unlinked file
         try:
-            return os.open(path, flags)
+            return opener(flags)
         except PermissionError:
             if flags & os.O_ACCMODE != os.O_RDWR:
                 raise
             # a daemon that is not root may only write this file; reads of partial
             # pages through this handle will fail, as they would without a cache
-            return os.open(path, (flags & ~os.O_ACCMODE) | os.O_WRONLY)
+            return opener((flags & ~os.O_ACCMODE) | os.O_WRONLY)
 
     def _add_handle(self, inode: Inode, fd: int, cipher: Any) -> pyfuse3.FileInfo:
         inode.fds.add(fd)
@@ -256,7 +256,7 @@ class VaultFS(pyfuse3.Operations):
         else:
             rel = join(parent.any_path(), name)
         try:
-            st = os.lstat(self._abs(rel))
+            st = self.tree.lstat(rel)
         except FileNotFoundError:
             return self._negative()
         return self._learn(rel, st)
@@ -291,28 +291,31 @@ class VaultFS(pyfuse3.Operations):
             # holds it any more, so there is nothing to change
             return self._entry(node, node.last_st)
         # an open fd works for an unlinked file; a path works for everything else
-        target: int | bytes = fd if fd is not None else self._abs(node.any_path())
+        rel = node.any_path() if fd is None else b""
         if fields.update_size:
             await self._truncate(node, fd, attr.st_size)
         if fields.update_mode:
             if stat.S_ISLNK(self._stat(node).st_mode):
                 raise _fail(errno.EOPNOTSUPP)
-            os.chmod(target, stat.S_IMODE(attr.st_mode))
+            if fd is not None:
+                os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+            else:
+                self.tree.chmod(rel, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            if isinstance(target, int):
-                os.fchown(target, uid, gid)
+            if fd is not None:
+                os.fchown(fd, uid, gid)
             else:
-                os.chown(target, uid, gid, follow_symlinks=False)
+                self.tree.chown(rel, uid, gid)
         if fields.update_atime or fields.update_mtime:
             st = self._stat(node)
             times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                      attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
-            if isinstance(target, int):
-                os.utime(target, ns=times)
+            if fd is not None:
+                os.utime(fd, ns=times)
             else:
-                os.utime(target, ns=times, follow_symlinks=False)
+                self.tree.utime(rel, times)
             if fields.update_mtime:
                 node.mtime_ns = attr.st_mtime_ns
                 node.written = False
@@ -341,7 +344,7 @@ class VaultFS(pyfuse3.Operations):
 
     @_answer_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.readlink(self._abs(self.inodes.get(inode).any_path()))
+        return self.tree.readlink(self.inodes.get(inode).any_path())
 
     @_answer_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -360,7 +363,7 @@ class VaultFS(pyfuse3.Operations):
         if d.names is None or start_id == 0:
             # one listing per pass, so entries are neither skipped nor repeated when
             # the directory changes under a reader
-            names = sorted(os.listdir(self._abs(rel_dir)))
+            names = sorted(self.tree.listdir(rel_dir))
             if d.inode.ino == ROOT_INODE:
                 names = [n for n in names if n != _META]
             d.names = names
@@ -368,7 +371,7 @@ class VaultFS(pyfuse3.Operations):
             name = d.names[index]
             rel = join(rel_dir, name)
             try:
-                st = os.lstat(self._abs(rel))
+                st = self.tree.lstat(rel)
             except FileNotFoundError:
                 continue
             inode = self.inodes.remember(rel, st)
@@ -387,27 +390,26 @@ class VaultFS(pyfuse3.Operations):
         if d is None:
             raise _fail(errno.EBADF)
         await self._io(self.vault.sync)
-        await self._io(fsync_dir, self._abs(d.inode.any_path()))
+        await self._io(self.tree.fsync_dir, d.inode.any_path())
 
     @_answer_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
-        path = self._abs(rel)
-        os.mkdir(path, stat.S_IMODE(mode))
-        self._give_to_caller(path, ctx)
-        return self._learn(rel, os.lstat(path), fresh=True)
+        self.tree.mkdir(rel, stat.S_IMODE(mode))
+        self._give_to_caller(rel, ctx)
+        return self._learn(rel, self.tree.lstat(rel), fresh=True)
 
     @_answer_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         rel = self._child(parent_inode, name)
-        os.rmdir(self._abs(rel))
+        self.tree.rmdir(rel)
         self.inodes.removed(rel, gone=True)
 
     @_answer_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         rel = self._child(parent_inode, name)
-        st = os.lstat(self._abs(rel))
+        st = self.tree.lstat(rel)
         if stat.S_ISDIR(st.st_mode):
             raise _fail(errno.EISDIR)
         await self._io(self.vault.unlink, rel)
@@ -418,9 +420,9 @@ class VaultFS(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         src = self._child(parent_inode_old, name_old)
         dst = self._child(parent_inode_new, name_new)
-        src_st = os.lstat(self._abs(src))
+        src_st = self.tree.lstat(src)
         try:
-            dst_st: os.stat_result | None = os.lstat(self._abs(dst))
+            dst_st: os.stat_result | None = self.tree.lstat(dst)
         except FileNotFoundError:
             dst_st = None
         await self._io(self.vault.rename, src, dst, flags)
@@ -441,33 +443,31 @@ class VaultFS(pyfuse3.Operations):
         src = node.any_path()
         dst = self._child(new_parent_inode, new_name)
         await self._io(self.vault.link, src, dst)
-        return self._learn(dst, os.lstat(self._abs(dst)))
+        return self._learn(dst, self.tree.lstat(dst))
 
     @_answer_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
-        path = self._abs(rel)
-        os.symlink(target, path)
-        self._give_to_caller(path, ctx)
-        return self._learn(rel, os.lstat(path), fresh=True)
+        self.tree.symlink(target, rel)
+        self._give_to_caller(rel, ctx)
+        return self._learn(rel, self.tree.lstat(rel), fresh=True)
 
     @_answer_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
-        path = self._abs(rel)
         if stat.S_ISREG(mode):
             fd, _ = await self._io(self.vault.create, rel, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC,
                                    stat.S_IMODE(mode))
             try:
-                self._give_to_caller(path, ctx, fd)
+                self._give_to_caller(rel, ctx, fd)
             finally:
                 os.close(fd)
         else:
-            os.mknod(path, mode, rdev)
-            self._give_to_caller(path, ctx)
-        return self._learn(rel, os.lstat(path), fresh=True)
+            self.tree.mknod(rel, mode, rdev)
+            self._give_to_caller(rel, ctx)
+        return self._learn(rel, self.tree.lstat(rel), fresh=True)
 
     # ----------------------------------------------------------------- contents
 
@@ -491,12 +491,11 @@ class VaultFS(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         rel = self._child(parent_inode, name)
-        path = self._abs(rel)
-        if os.path.lexists(path):
+        if self.tree.lexists(rel):
             # the kernel's view was stale: open the existing file as open(2) would
             if flags & os.O_EXCL:
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
-            entry = self._learn(rel, os.lstat(path))
+            entry = self._learn(rel, self.tree.lstat(rel))
             return await self.open(entry.st_ino, flags, ctx), entry
         try:
             fd, cipher = await self._io(self.vault.create, rel,
@@ -506,10 +505,10 @@ class VaultFS(pyfuse3.Operations):
             if flags & os.O_EXCL:
                 raise
             # another opener created it first: open it as open(2) would
-            entry = self._learn(rel, os.lstat(path))
+            entry = self._learn(rel, self.tree.lstat(rel))
             return await self.open(entry.st_ino, flags, ctx), entry
         try:
-            self._give_to_caller(path, ctx, fd)
+            self._give_to_caller(rel, ctx, fd)
             st = os.fstat(fd)
             inode = self.inodes.remember(rel, st, fresh=True)
             info = self._add_handle(inode, fd, cipher)
@@ -588,7 +587,7 @@ class VaultFS(pyfuse3.Operations):
 
     @_answer_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = os.statvfs(self._root)
+        sv = os.statvfs(self.tree.fd)
         data = pyfuse3.StatvfsData()
         for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
                       "f_files", "f_ffree", "f_favail", "f_namemax"):
@@ -602,7 +601,8 @@ class VaultFS(pyfuse3.Operations):
         fd = node.any_fd()
         if fd is not None:
             return fn(fd, *args)  # also reaches an unlinked file that is still open
-        return fn(self._abs(node.any_path()), *args, follow_symlinks=False)
+        with self.tree.proc_path(node.any_path()) as path:
+            return fn(path, *args, follow_symlinks=False)
 
     @_answer_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes,

@@ -27,6 +27,7 @@ from conftest import (
     umount,
 )
 
+from encfs.backing import BackingTree
 from mount.fs import VaultFS
 
 
@@ -237,6 +238,7 @@ class _BrokenVault:
 def test_unexpected_exception_becomes_eio(tmp_path: Path, caplog) -> None:
     vault = _BrokenVault()
     vault.root = str(tmp_path)
+    vault.tree = BackingTree(os.fsencode(tmp_path))
     (tmp_path / "f").write_bytes(b"x")
     fs = VaultFS(vault)  # type: ignore[arg-type]
 
@@ -266,6 +268,7 @@ class _Ctx:
 def test_access_checks_modes_like_the_kernel(tmp_path: Path) -> None:
     vault = _BrokenVault()
     vault.root = str(tmp_path)
+    vault.tree = BackingTree(os.fsencode(tmp_path))
     f = tmp_path / "f"
     f.write_bytes(b"x")
     os.chown(f, 1000, 1000)

@@ -12,8 +12,8 @@ import stat
 
 import pytest
 
+import encfs.backing as backing_module
 import encfs.filedict as filedict_module
-import encfs.vault as vault_module
 from encfs.fsops import RENAME_EXCHANGE
 from encfs.masterkey import MasterKeySource, generate_key_file
 from encfs.vault import Vault
@@ -47,8 +47,8 @@ def traced(tmp_path, monkeypatch, request):
     wrap(os, "fdatasync", lambda fd: "log.sync" if fd == log_fd() else "fdatasync")
     # fsync_dir's own fsync of the directory is traced as dir.fsync already
     wrap(os, "fsync", lambda fd: "file.fsync" if stat.S_ISREG(os.fstat(fd).st_mode) else None)
-    wrap(vault_module, "fsync_dir", "dir.fsync")
-    wrap(vault_module, "renameat2", "rename")
+    wrap(backing_module, "fsync_dir", "dir.fsync")
+    wrap(backing_module, "renameat2", "rename")
     wrap(os, "unlink", "unlink")
     wrap(os, "link", "link")
     wrap(os, "ftruncate", lambda fd, n: "truncate" if fd != log_fd() else None)

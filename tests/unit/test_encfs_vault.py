@@ -341,16 +341,16 @@ def test_concurrent_operations(tmp_path, source, vault):
 
 
 def test_lookups_wait_for_a_rename_in_flight(vault, monkeypatch):
-    import encfs.vault as vault_module
+    import encfs.backing as backing_module
 
     put(vault, b"CURRENT", b"old")
     put(vault, b"CURRENT.tmp", b"new")
     new_cipher = vault.cipher_for(b"CURRENT.tmp")
     seen, blocked = [], []
-    real = vault_module.renameat2
+    real = backing_module.renameat2
 
-    def renaming(src, dst, flags):
-        real(src, dst, flags)
+    def renaming(src, dst, flags, **dir_fds):
+        real(src, dst, flags, **dir_fds)
         # the tree is renamed, the entries not yet: a lookup now must wait
         t = threading.Thread(target=lambda: seen.append(vault.cipher_for(b"CURRENT")))
         t.start()
@@ -359,7 +359,7 @@ def test_lookups_wait_for_a_rename_in_flight(vault, monkeypatch):
         threads.append(t)
 
     threads: list[threading.Thread] = []
-    monkeypatch.setattr(vault_module, "renameat2", renaming)
+    monkeypatch.setattr(backing_module, "renameat2", renaming)
     vault.rename(b"CURRENT.tmp", b"CURRENT")
     threads[0].join(5)
     assert blocked == [True]
