@@ -32,7 +32,7 @@ import secrets
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,14 +107,56 @@ class Pending:
 
 
 @dataclass
-class SalvageReport:
-    """What ``open(..., salvage=True)`` cut off a damaged log."""
+class DamagedRegion:
+    """One stretch of a damaged log that salvage skipped: from the first record that
+    failed to verify up to the next record that verifies (or the end of the file)."""
 
-    offset: int
-    lost_bytes: int
-    lost_records: int
-    what: str
+    offset: int  # where the first record that failed starts
+    length: int  # bytes skipped
+    records: int  # records in those bytes (best effort unless ``counted``)
+    counted: bool  # every length field in the region was intact, so ``records`` is exact
+    what: str  # why the record at ``offset`` failed
+    # paths named by the skipped records, as far as their payloads still decode: best
+    # effort, and the names may themselves be damaged (a flipped bit in a path)
     paths: list[bytes]
+
+
+@dataclass
+class SalvageReport:
+    """What ``open(..., salvage=True)`` skipped in a damaged log: each damaged region,
+    in log order. Every record outside them verified and was replayed.
+
+    ``paths`` is every path the skipped records name where they still decode (best
+    effort: they may themselves be damaged, and a record whose payload no longer
+    decodes names none). The skipped records' operations are lost: a lost DEL can
+    leave a stale entry, a lost PUT a file without one, a lost COMMIT an intent left
+    pending. Those consequences are the vault's recovery's and fsck's business (stale
+    entries are dropped, pending intents resolved by the tree), not the log's."""
+
+    regions: list[DamagedRegion]
+    paths: list[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.paths = sorted({p for r in self.regions for p in r.paths})
+
+    @property
+    def offset(self) -> int:
+        """Offset of the first damage."""
+        return self.regions[0].offset
+
+    @property
+    def what(self) -> str:
+        """What was wrong at the first damage."""
+        return self.regions[0].what
+
+    @property
+    def lost_bytes(self) -> int:
+        return sum(r.length for r in self.regions)
+
+    @property
+    def lost_records(self) -> int:
+        """Records skipped, exact when every region is ``counted``."""
+        return sum(r.records for r in self.regions)
 
 
 # -- encoding ------------------------------------------------------------------------
@@ -154,6 +196,15 @@ def encode_ops(ops: Iterable[Op]) -> bytes:
 def decode_ops(payload: bytes) -> list[Op]:
     """Parse a record payload; ValueError if it is malformed."""
     ops: list[Op] = []
+    _decode_into(payload, ops)
+    if not ops:
+        raise ValueError("empty record")
+    return ops
+
+
+def _decode_into(payload: bytes, ops: list[Op]) -> None:
+    """Append the operations of ``payload`` to ``ops`` one by one; ValueError at the
+    first malformed one (``ops`` then holds those before it)."""
     pos = 0
     n = len(payload)
 
@@ -197,9 +248,6 @@ def decode_ops(payload: bytes) -> list[Op]:
             ops.append(("commit" if code == COMMIT else "abort", txid))
         else:
             raise ValueError(f"unknown operation code {code}")
-    if not ops:
-        raise ValueError("empty record")
-    return ops
 
 
 def _header(mac_key: bytes, generation: int) -> bytes:
@@ -272,19 +320,42 @@ class FileDictionary:
              read_only: bool = False, **tuning: int) -> FileDictionary:
         """Replay the log. A torn last record is dropped (and, unless ``read_only``,
         truncated away). Any other damage raises Corruption(path, offset), unless
-        ``salvage``: then the log is cut at the first bad record and ``.salvage`` says
-        what was lost."""
+        ``salvage``: then every damaged region is skipped, every record that still
+        verifies is replayed (see ``_replay``), ``.salvage`` says what was lost and,
+        unless ``read_only``, the log is rewritten at once as a snapshot of what
+        survived, so that it verifies again from its header on."""
         d = cls(Path(path), mac_key, **tuning)
         d._replay(salvage)
         if not read_only:
             cut = d._size
             d._fd = os.open(d.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            if os.fstat(d._fd).st_size != cut:
+            if d.salvage is not None:
+                d.rewrite()  # the surviving records no longer chain from the header
+            elif os.fstat(d._fd).st_size != cut:
                 os.ftruncate(d._fd, cut)
                 os.fsync(d._fd)
         return d
 
     def _replay(self, salvage: bool) -> None:
+        """Replay the log into memory.
+
+        With ``salvage``, a record that fails (bad length CRC, bad MAC, undecodable
+        payload) starts a damaged region, and replay resumes at the next offset ``p``
+        after it where a record header parses (length CRC good, length within
+        MAX_RECORD and within the file) and whose MAC verifies with the 32 bytes just
+        before ``p`` as the previous MAC. A record whose payload is damaged keeps its
+        stored MAC, so the next record resumes the chain; when a length field is
+        damaged, the scan finds where the next record starts. What salvage keeps is
+        thus every record that verifies against its predecessor's stored MAC; it is
+        replayed in log order, as if the damaged regions had never been written. A
+        record right after a damaged one's MAC bytes cannot be verified and is lost
+        with it. A torn tail (a record cut short at the end, or zeros to the end) is
+        dropped as without salvage.
+
+        A record kept after a damaged region is vouched for by its own MAC and its
+        predecessor's stored one, no longer by a chain from the header: that is what
+        the user accepts by asking for a repair.
+        """
         data = self.path.read_bytes()
         where = str(self.path)
         if len(data) < HEADER_SIZE:
@@ -298,6 +369,7 @@ class FileDictionary:
         if not hmac.compare_digest(mac, hmac.new(self._mac_key, body, hashlib.sha256).digest()):
             raise Corruption(where, 0, "header MAC mismatch: damaged, or not the files.dict of this keys.dict")
         self.generation = generation
+        regions: list[DamagedRegion] = []
         prev = mac
         pos = HEADER_SIZE
         end = len(data)
@@ -333,12 +405,19 @@ class FileDictionary:
             if problem is not None:
                 if not salvage:
                     raise Corruption(where, pos, problem + "; tdefs fsck --repair salvages the log")
-                self.salvage = _describe_loss(data, pos, problem)
-                break
+                resume = _resync(self._mac_key, data, pos)
+                regions.append(_describe_loss(data, pos, end if resume is None else resume, problem))
+                if resume is None:
+                    break  # nothing after the damage verifies: the log ends at ``pos``
+                prev = data[resume - MAC_SIZE : resume]
+                pos = resume
+                continue
             self._apply(ops)
             prev = stored
             pos = start + n + MAC_SIZE
             self.records += 1
+        if regions:
+            self.salvage = SalvageReport(regions)
         self._prev_mac = prev
         self._size = pos
 
@@ -669,26 +748,115 @@ class _DirIndex:
         return [p for d in dirs for p in self._by_dir.get(d, ())]
 
 
-def _describe_loss(data: bytes, offset: int, problem: str) -> SalvageReport:
-    """Best effort: which paths do the records from ``offset`` on mention?"""
-    paths: list[bytes] = []
-    pos = offset
-    records = 0
-    while pos + _REC_HEAD.size <= len(data):
-        n, check = _REC_HEAD.unpack_from(data, pos)
-        if check != zlib.crc32(struct.pack(">I", n)) or pos + _REC_HEAD.size + n > len(data):
-            break
-        records += 1
-        try:
-            for op in decode_ops(data[pos + _REC_HEAD.size : pos + _REC_HEAD.size + n]):
-                if op[0] in ("put", "del"):
-                    paths.append(op[1])
-                elif op[0] == "begin":
-                    paths.append(op[3])
-        except ValueError:
-            pass
-        pos += _REC_HEAD.size + n + MAC_SIZE
-    if pos < len(data):
-        records += 1
-    return SalvageReport(offset, len(data) - offset, records, problem, sorted(set(paths)))
+def _record_length(data: bytes, pos: int, stop: int) -> int | None:
+    """The payload length of a record header at ``pos`` if it parses (length CRC good,
+    length within MAX_RECORD) and the whole record ends by ``stop``; else None."""
+    if pos + _REC_HEAD.size + MAC_SIZE > stop:
+        return None
+    n, check = _REC_HEAD.unpack_from(data, pos)
+    if n > MAX_RECORD or pos + _REC_HEAD.size + n + MAC_SIZE > stop:
+        return None
+    if check != zlib.crc32(data[pos : pos + 4]):
+        return None
+    return n
 
+
+def _headers(data: bytes, start: int, stop: int) -> Iterator[tuple[int, int]]:
+    """Every offset ``p`` in [start, stop) where a record header parses and the whole
+    record ends by ``stop``, with its payload length. Costs a length check at every
+    offset (within 16 MiB of ``stop`` only at the zero bytes, as a length that fits
+    starts with one) and a CRC of 4 bytes where the length fits; off a record boundary
+    a header parses by chance about once in 2^32 offsets."""
+    last = stop - _REC_HEAD.size - MAC_SIZE
+    unpack = _REC_HEAD.unpack_from
+    crc32 = zlib.crc32
+    p = start
+    while p <= last:
+        if last - p < 1 << 24:
+            p = data.find(b"\0", p, last + 1)
+            if p < 0:
+                return
+        n, check = unpack(data, p)
+        if n <= last - p and n <= MAX_RECORD and check == crc32(data[p : p + 4]):
+            yield p, n
+        p += 1
+
+
+def _resync(mac_key: bytes, data: bytes, bad: int) -> int | None:
+    """The first offset after ``bad`` where a record starts whose MAC verifies with
+    the 32 bytes before it as the previous MAC; None if there is none.
+
+    A verifying MAC does not happen by chance, so the first one found is where replay
+    safely resumes. Cost: a scan of the offsets up to that record (see ``_headers``),
+    with an HMAC only where a header parses: linear in the bytes skipped, not in the
+    log."""
+    for p, n in _headers(data, bad + 1, len(data)):
+        body = p + _REC_HEAD.size
+        mac = hmac.new(mac_key, data[p - MAC_SIZE : p] + data[p : p + 4] + data[body : body + n],
+                       hashlib.sha256).digest()
+        if hmac.compare_digest(mac, data[body + n : body + n + MAC_SIZE]):
+            return p
+    return None
+
+
+def _describe_loss(data: bytes, offset: int, stop: int, problem: str) -> DamagedRegion:
+    """Best effort: how many records lie in ``data[offset:stop]`` and which paths they
+    name. Records are walked by their length fields. A damaged one is taken to run up
+    to the next offset where a header parses from which the walk reaches ``stop``
+    exactly (else the first where a header parses at all, else ``stop``): right unless
+    one damage hit several length fields."""
+    paths: set[bytes] = set()
+    records = 0
+    counted = True
+    known: dict[int, bool] = {}  # offset -> does the walk from it reach ``stop``
+    pos = offset
+    while pos < stop:
+        n = _record_length(data, pos, stop)
+        if n is not None:
+            nxt = pos + _REC_HEAD.size + n + MAC_SIZE
+        else:
+            counted = False
+            first = None
+            for q, _ in _headers(data, pos + 1, stop):
+                if _walks_to(data, q, stop, known):
+                    nxt = q
+                    break
+                if first is None:
+                    first = q
+            else:
+                nxt = stop if first is None else first
+            n = max(0, nxt - pos - _REC_HEAD.size - MAC_SIZE)
+        records += 1
+        ops: list[Op] = []
+        try:
+            _decode_into(data[pos + _REC_HEAD.size : pos + _REC_HEAD.size + n], ops)
+        except ValueError:
+            pass  # keep the operations decoded before the damage
+        for op in ops:
+            if op[0] in ("put", "del"):
+                paths.add(op[1])
+            elif op[0] == "begin":
+                paths.add(op[3])
+        pos = nxt
+    return DamagedRegion(offset, stop - offset, records, counted, problem, sorted(paths))
+
+
+def _walks_to(data: bytes, pos: int, stop: int, known: dict[int, bool]) -> bool:
+    """Do the length fields from ``pos`` on lead exactly to ``stop``? ``known`` holds
+    the answers for offsets already walked, so that walks from many offsets of one
+    region cost one pass over it."""
+    seen = []
+    ok = True
+    while pos != stop:
+        if pos in known:
+            ok = known[pos]
+            break
+        seen.append(pos)
+        n = _record_length(data, pos, stop)
+        if n is None:
+            ok = False
+            break
+        pos += _REC_HEAD.size + n + MAC_SIZE
+    for q in seen:
+        known[q] = ok
+    return ok

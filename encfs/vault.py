@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from encfs import entry_copy
 from encfs.backing import BackingTree
 from encfs.cipher import DEFAULT_METHOD, IV_SIZE, PLAINTEXT, FileCipher, check_method
 from encfs.errors import VaultError
@@ -88,6 +89,7 @@ class RecoveryReport:
     aborted: list[bytes] = field(default_factory=list)  # intents whose rename had not
     stale: list[bytes] = field(default_factory=list)  # entries without a regular file
     dropped_tail: int = 0  # bytes of torn last record cut off files.dict
+    new_dictionary: bool = False  # files.dict was missing; repair started an empty one
 
 
 def _check_rel(rel: bytes) -> bytes:
@@ -135,6 +137,10 @@ class Vault:
         self.keys = keys
         self.files = files
         self.recovery = RecoveryReport()
+        # each encrypted file's own copy of its entry, where the backing filesystem
+        # keeps user extended attributes (see encfs/entry_copy.py)
+        self.copies = entry_copy.EntryCopies(keys.derive(entry_copy.MAC_LABEL),
+                                             entry_copy.supported(root / META_DIR))
         self._strict = self.options.get("durability", "strict") == "strict"
         keys.usage = files.count_by_key
         self._ciphers: dict[FileInfo, FileCipher] = {}
@@ -204,7 +210,11 @@ class Vault:
              **tuning: int) -> Vault:
         """Open a vault and recover it. ``mode``: "normal"; "check" (read-only: nothing
         is written, ``recovery`` says what would be fixed); "repair" (like normal, but a
-        damaged files.dict is cut at its first bad record: see ``files.salvage``).
+        damaged files.dict keeps every record that still verifies: see ``files.salvage``).
+
+        A missing files.dict is refused, except by "repair", which starts an empty one
+        (``recovery.new_dictionary``): fsck then rebuilds the entries from the files'
+        own copies.
 
         Raises WrongMasterKey (naming the vault) before touching any file, VaultError,
         Corruption."""
@@ -236,8 +246,15 @@ class Vault:
             except BlockingIOError:
                 raise VaultError(f"vault {root} is in use by another process (is it mounted?)") from None
             keys = KeyStore.open(meta / KEYS_DICT, source, vault=str(root))
+            rebuilt = False
             if not (meta / FILES_DICT).is_file():
-                raise VaultError(f"vault {root}: {meta / FILES_DICT} is missing")
+                if mode != "repair":
+                    raise VaultError(f"vault {root}: {meta / FILES_DICT} is missing (tdefs fsck"
+                                     " --repair starts a new one and rebuilds the entries from"
+                                     " the files' own copies)")
+                FileDictionary.create(meta / FILES_DICT, keys.derive(MAC_KEY_LABEL))
+                fsync_dir(meta)
+                rebuilt = True
             files = FileDictionary.open(meta / FILES_DICT, keys.derive(MAC_KEY_LABEL),
                                         salvage=mode == "repair", read_only=mode == "check",
                                         **tuning)
@@ -245,6 +262,7 @@ class Vault:
             os.close(lock_fd)
             raise
         vault = cls(root, lock_fd, config, keys, files)
+        vault.recovery.new_dictionary = rebuilt
         try:
             vault._recover(write=mode != "check")
         except BaseException:
@@ -337,6 +355,14 @@ class Vault:
             return PLAINTEXT
         return self._cipher(info)
 
+    def align_copy(self, rel: bytes, fd: int) -> None:
+        """Make the per-file copy of ``rel`` (open as ``fd``) say what its entry says.
+        Called before a file is first written: a crash between an entry and its copy
+        (create, truncation to zero) leaves an empty file whose copy is missing or
+        stale, and data must never be written under an entry its copy contradicts."""
+        if self.copies.enabled:
+            self.copies.agree(fd, self.files.entries.get(rel))
+
     def _touches_busy(self, rel: bytes) -> bool:
         if rel in self._busy:
             return True
@@ -397,9 +423,11 @@ class Vault:
             if flags & os.O_EXCL:
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(rel))
             fd = tree.open(rel, (flags | os.O_CREAT) & ~os.O_TRUNC, mode)
-            if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            if (flags & os.O_ACCMODE) != os.O_RDONLY:
                 try:
-                    return fd, self.truncate_to_zero(rel, fd)
+                    if flags & os.O_TRUNC:
+                        return fd, self.truncate_to_zero(rel, fd)
+                    self.align_copy(rel, fd)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -424,6 +452,7 @@ class Vault:
         except BaseException:
             self.files.append([("del", rel)], sync=False)  # the entry would be stale
             raise
+        self.copies.write(fd, info)
         return fd, self._cipher(info)
 
     def unlink(self, rel: bytes) -> None:
@@ -524,20 +553,22 @@ class Vault:
                 if self._strict:
                     os.fsync(fd)  # the new IV must never be durable while old bytes are
                 nlink = os.fstat(fd).st_nlink
+                failpoint("truncate.after-truncate")
+                info = self.files.entries.get(rel)
+                if nlink > 1:
+                    return PLAINTEXT if info is None else self._cipher(info)
+                if self.method == "plaintext":
+                    if info is not None:
+                        self.files.append([("del", rel)], sync=self._strict)
+                        self.copies.write(fd, None)
+                    return PLAINTEXT
+                new = self._new_info()
+                self.files.append([("put", rel, new)], sync=self._strict)
+                self.copies.write(fd, new)
+                return self._cipher(new)
             finally:
                 if own:
                     os.close(fd)
-            failpoint("truncate.after-truncate")
-            info = self.files.entries.get(rel)
-            if nlink > 1:
-                return PLAINTEXT if info is None else self._cipher(info)
-            if self.method == "plaintext":
-                if info is not None:
-                    self.files.append([("del", rel)], sync=self._strict)
-                return PLAINTEXT
-            new = self._new_info()
-            self.files.append([("put", rel, new)], sync=self._strict)
-            return self._cipher(new)
 
     def rename(self, src: bytes, dst: bytes, flags: int = 0) -> None:
         """rename(2) / renameat2(2) of files or directories, crash-safe."""

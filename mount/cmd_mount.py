@@ -87,7 +87,9 @@ def _status(args: argparse.Namespace) -> int:
             ("known inodes", reply["inodes"]),
             ("memory", f"{reply['rss_bytes'] / 2**20:.1f} MiB resident"),
             ("writeback cache", "on" if reply["writeback_cache"] else "off"),
-            ("xattrs", "on" if reply["xattrs"] else "off")]
+            ("xattrs", "on" if reply["xattrs"] else "off"),
+            ("entry copies", "on" if reply["entry_copies"] else
+             "off (the backing filesystem keeps no user extended attributes)")]
     for name, value in rows:
         print(f"{name + ':':<16}{value}")
     return 0

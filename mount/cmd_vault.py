@@ -12,7 +12,7 @@ from typing import Any
 
 from encfs.cipher import DEFAULT_METHOD, METHODS
 from encfs.errors import TdefsError
-from encfs.fsck import FsckReport, walk_files, check
+from encfs.fsck import FsckReport, check, walk_files
 from encfs.masterkey import (
     add_key_options,
     add_new_key_options,
@@ -72,6 +72,10 @@ def _init(args: argparse.Namespace) -> int:
     try:
         print(f"initialised vault {vault.root} (cipher {vault.method}, master key: {source.kind})")
         existing = len(walk_files(os.fsencode(vault.root)))
+        if not vault.copies.enabled:
+            print(f"tdefs: warning: the filesystem of {vault.root} keeps no user extended"
+                  " attributes, so files carry no copy of their entry: a damaged files.dict"
+                  " cannot be rebuilt from them", file=sys.stderr)
     finally:
         vault.close()
     if existing:
@@ -85,49 +89,79 @@ def _show(path: bytes) -> str:
     return os.fsdecode(path)
 
 
+def _print_paths(paths: list[bytes], limit: int = 50) -> None:
+    for p in paths[:limit]:
+        print(f"    {_show(p)}")
+    if len(paths) > limit:
+        print(f"    ... and {len(paths) - limit} more")
+
+
 def _print_report(r: FsckReport) -> None:
-    out = sys.stdout
     if r.corruption is not None:
         # the message says what to do about a damaged keys.dict (restore it); only
-        # files.dict's log can be cut at its last good record
+        # files.dict's damage can be salvaged record by record
         damaged = os.path.basename(r.corruption.path)
-        print(f"{damaged}: {r.corruption}", file=out)
+        print(f"{damaged}: {r.corruption}")
         if damaged == FILES_DICT and not r.repair:
-            print("run `tdefs fsck --repair` to cut the log at the last good record", file=out)
+            print("run `tdefs fsck --repair` to keep every record that still verifies"
+                  " and rebuild the lost entries from the files' own copies")
         return
-    verb = "removed" if r.repair else "found"
     if r.salvage is not None:
         s = r.salvage
-        print(f"files.dict was damaged at offset {s.offset} ({s.what}): dropped {s.lost_bytes} bytes"
-              f" ({s.lost_records} records)", file=out)
+        print(f"files.dict was damaged: skipped {s.lost_bytes} bytes in {len(s.regions)}"
+              f" {'region' if len(s.regions) == 1 else 'regions'}, every other record kept")
+        for region in s.regions:
+            records = f"{region.records} record{'s' if region.records != 1 else ''}"
+            print(f"  offset {region.offset}: {region.length} bytes,"
+                  f" {records if region.counted else 'about ' + records} lost ({region.what})")
         if s.paths:
-            print("  the dropped records named these paths; files among them that exist and have"
-                  " no entry now will read as ciphertext:", file=out)
-            for p in s.paths:
-                print(f"    {_show(p)}", file=out)
+            print("  the lost records named (names may themselves be damaged):")
+            _print_paths(s.paths)
     rec = r.recovery
+    if rec.new_dictionary:
+        print("files.dict was missing: started an empty one")
+    info = "" if r.repair else " (fixed on the next open or mount)"
     if rec.dropped_tail:
-        print(f"files.dict: torn last record of {rec.dropped_tail} bytes"
-              f" {'cut off' if r.repair else '(dropped on next open)'}", file=out)
+        print(f"crash leftover: torn last record of {rec.dropped_tail} bytes in files.dict"
+              f" {'cut off' if r.repair else '(dropped on the next open)'}")
     for p in rec.committed:
-        print(f"intent left by a crash: rename of {_show(p)} had happened (committed)", file=out)
+        print(f"crash leftover: rename of {_show(p)} had happened (committed){info}")
     for p in rec.aborted:
-        print(f"intent left by a crash: rename of {_show(p)} had not happened (dropped)", file=out)
-    print(f"stale entries {verb}: {len(rec.stale)}", file=out)
-    for p in rec.stale:
-        print(f"  {_show(p)}", file=out)
+        print(f"crash leftover: rename of {_show(p)} had not happened (dropped){info}")
+    if rec.stale:
+        print(f"crash leftover: {len(rec.stale)} stale entries (files that no longer exist)"
+              f" {'removed' if r.repair else 'found' + info}:")
+        _print_paths(rec.stale)
+    fixed = "rebuilt from their own copies" if r.repair else "(--repair rebuilds them from their own copies)"
+    if r.restored:
+        print(f"files whose entry was lost: {len(r.restored)} {fixed}")
+        _print_paths(r.restored)
+    if r.conflicts:
+        what = "copies rewritten from the dictionary" if r.repair else "--repair trusts the dictionary"
+        print(f"files whose copy disagrees with the dictionary: {len(r.conflicts)} ({what})")
+        _print_paths(r.conflicts)
+    if r.damaged_copies:
+        print(f"damaged per-file copies (MAC mismatch): {len(r.damaged_copies)}")
+        _print_paths(r.damaged_copies)
     for key_id, n in sorted(r.missing_keys.items()):
-        print(f"error: {n} entries use data key {key_id}, which keys.dict does not hold", file=out)
-    print(f"encrypted files: {r.encrypted}", file=out)
+        print(f"error: {n} files use data key {key_id}, which keys.dict does not hold")
+    print(f"encrypted files: {r.encrypted}")
     for key_id, n in sorted(r.per_key.items()):
-        print(f"  key {key_id}: {n} files", file=out)
-    print(f"files without an entry (plaintext): {len(r.plaintext)}", file=out)
-    for p in r.plaintext[:50]:
-        print(f"  {_show(p)}", file=out)
-    if len(r.plaintext) > 50:
-        print(f"  ... and {len(r.plaintext) - 50} more", file=out)
-    if r.problems and not r.repair:
-        print("problems found; `tdefs fsck --repair` fixes them", file=out)
+        print(f"  key {key_id}: {n} files")
+    if not r.copies_enabled:
+        print("per-file copies of entries: off (the backing filesystem keeps no user extended"
+              " attributes): a damaged files.dict cannot be rebuilt from the files")
+    elif r.copies_missing:
+        print(f"files whose per-file copy was missing or stale: {len(r.copies_missing)}"
+              f" ({'written' if r.repair else '--repair writes them; the mount does at the next write'})")
+    print(f"files without an entry (plaintext): {len(r.plaintext)}")
+    _print_paths(r.plaintext)
+    if r.suspect:
+        print(f"error: {len(r.suspect)} files have no entry but look like ciphertext: they read"
+              " as garbage (restore them, or their files.dict, from a backup)")
+        _print_paths(r.suspect)
+    if r.problems and not r.repair and not r.clean_after:
+        print("problems found; `tdefs fsck --repair` fixes what can be fixed")
 
 
 def _fsck(args: argparse.Namespace) -> int:

@@ -251,6 +251,7 @@ class _Daemon:
             "inodes": len(self.fs.inodes),
             "writeback_cache": self.req.writeback_cache,
             "xattrs": self.req.xattrs,
+            "entry_copies": self.vault.copies.enabled,
         }
 
     async def _keys_list(self, request: dict[str, Any]) -> dict[str, Any]:

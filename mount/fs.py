@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from encfs import content
+from encfs import content, entry_copy
 from encfs.vault import META_DIR, Vault
 from mount.inodes import ROOT_INODE, Inode, InodeTable, join, parent_of
 
@@ -43,6 +43,7 @@ THREAD_IO_BYTES = 128 * 1024
 
 _META = META_DIR.encode()
 _CAPABILITY = b"security.capability"
+_ENTRY_COPY = entry_copy.XATTR  # the vault's own: invisible and untouchable through the mount
 # Open flags that describe the request, not how the daemon opens the backing file:
 # the kernel computes O_APPEND offsets itself, truncation is the vault's business,
 # O_DIRECT would impose alignment on our own buffers.
@@ -482,6 +483,8 @@ class VaultFS(pyfuse3.Operations):
                     node.lock = trio.Lock()
                 async with node.lock:
                     cipher = await self._io(self.vault.truncate_to_zero, node.any_path(), fd)
+            elif flags & os.O_ACCMODE != os.O_RDONLY and node.paths:
+                self.vault.align_copy(node.any_path(), fd)
             return self._add_handle(node, fd, cipher)
         except BaseException:
             os.close(fd)
@@ -607,11 +610,15 @@ class VaultFS(pyfuse3.Operations):
     @_answer_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        if name == _ENTRY_COPY and self.xattrs:
+            raise _fail(errno.EPERM)
         self.inodes.get(inode).no_capability = False
         self._xattr_call(inode, os.setxattr, name, value)
 
     @_answer_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == _ENTRY_COPY and self.xattrs:
+            raise _fail(errno.ENODATA)
         if name != _CAPABILITY or not self.xattrs:
             return self._xattr_call(inode, os.getxattr, name)
         # asked before every write(2): answer from memory once the file is known to
@@ -628,10 +635,13 @@ class VaultFS(pyfuse3.Operations):
 
     @_answer_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in self._xattr_call(inode, os.listxattr)]
+        names = [os.fsencode(n) for n in self._xattr_call(inode, os.listxattr)]
+        return [n for n in names if n != _ENTRY_COPY]
 
     @_answer_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name == _ENTRY_COPY and self.xattrs:
+            raise _fail(errno.EPERM)
         self.inodes.get(inode).no_capability = False
         self._xattr_call(inode, os.removexattr, name)
 

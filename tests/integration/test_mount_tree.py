@@ -236,6 +236,24 @@ def test_xattrs(d) -> None:
     assert os.getxattr(d / "xd", "user.dir") == b"on a directory"
 
 
+def test_the_files_own_copy_of_its_entry_is_invisible_and_untouchable(mnt, d) -> None:
+    f = d / "x"
+    f.write_bytes(b"secret")
+    backing = mnt.backing / d.name / "x"
+    copy = os.getxattr(backing, "user.tdefs.entry")  # the vault keeps one per file
+    assert "user.tdefs.entry" not in os.listxattr(f)
+    with pytest.raises(OSError) as exc:
+        os.getxattr(f, "user.tdefs.entry")
+    assert exc.value.errno == errno.ENODATA
+    for attempt in (lambda: os.setxattr(f, "user.tdefs.entry", b"forged"),
+                    lambda: os.removexattr(f, "user.tdefs.entry")):
+        with pytest.raises(OSError) as exc:
+            attempt()
+        assert exc.value.errno == errno.EPERM
+    assert os.getxattr(backing, "user.tdefs.entry") == copy
+    assert f.read_bytes() == b"secret"
+
+
 def test_meta_dir_is_invisible_and_untouchable(mnt: VaultPaths) -> None:
     m = mnt.mountpoint
     assert (mnt.backing / ".tdefs").is_dir()

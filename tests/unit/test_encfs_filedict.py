@@ -4,6 +4,7 @@ intents, group commit."""
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -104,19 +105,134 @@ def test_flipped_byte_mid_log_names_file_and_offset(tmp_path):
         assert d.path.read_bytes() == bytes(raw)  # refusing never rewrites the log
 
 
-def test_salvage_keeps_every_record_before_the_damage(tmp_path):
-    d, full, offsets = _flipped_log(tmp_path)
+def _many_records(tmp_path: Path, key: bytes, n: int = 60) -> tuple[Path, bytes, list[int]]:
+    """A log of ``n`` records under MAC key ``key``, record i holding PUT f{i}."""
+    path = tmp_path / "files.dict"
+    FileDictionary.create(path, key)
+    d = FileDictionary.open(path, key)
+    for i in range(n):
+        d.append([("put", f"f{i}".encode(), info(i))], sync=False)
+    d.close()
+    return path, path.read_bytes(), record_offsets(path)
+
+
+def _all_but(n: int, *lost: int) -> dict[bytes, FileInfo]:
+    return {f"f{i}".encode(): info(i) for i in range(n) if i not in lost}
+
+
+def _damaged(path: Path, full: bytes, *flips: tuple[int, int]) -> None:
     raw = bytearray(full)
-    raw[offsets[5] + 12] ^= 1  # inside record 5's payload
-    d.path.write_bytes(bytes(raw))
-    s = FileDictionary.open(d.path, MAC_KEY, salvage=True)
-    assert s.entries == {f"f{i}".encode(): info(i) for i in range(5)}
-    assert s.salvage is not None and s.salvage.offset == offsets[5]
-    assert s.salvage.lost_records == 3 and s.salvage.lost_bytes == len(full) - offsets[5]
-    assert b"f6" in s.salvage.paths and b"f7" in s.salvage.paths
-    s.append([("put", b"after", info(1))])
+    for at, bits in flips:
+        raw[at] ^= bits
+    path.write_bytes(bytes(raw))
+
+
+def test_salvage_loses_only_the_record_whose_payload_is_damaged(tmp_path):
+    key = secrets.token_bytes(32)
+    path, full, off = _many_records(tmp_path, key)
+    bad = 30
+    for at in range(off[bad] + 8, off[bad + 1] - 32):  # every byte of its payload
+        _damaged(path, full, (at, 0x04))
+        s = FileDictionary.open(path, key, salvage=True, read_only=True)
+        assert s.entries == _all_but(60, bad), at
+        (region,) = s.salvage.regions
+        assert (region.offset, region.length, region.records, region.counted) == \
+            (off[bad], off[bad + 1] - off[bad], 1, True)
+        assert "MAC mismatch" in region.what and s.salvage.what == region.what
+        assert (s.salvage.offset, s.salvage.lost_bytes, s.salvage.lost_records) == \
+            (off[bad], off[bad + 1] - off[bad], 1)
+    _damaged(path, full, (off[bad + 1] - 40, 0x04))  # in the IV: the path still decodes
+    s = FileDictionary.open(path, key, salvage=True, read_only=True)
+    assert s.salvage.paths == [b"f30"] and s.salvage.regions[0].paths == [b"f30"]
+    assert path.read_bytes() != full  # read_only: the damaged log is left as it is
+
+
+def test_salvage_after_damage_to_a_stored_mac_loses_the_next_record_too(tmp_path):
+    # the next record's MAC covers the damaged one's: it cannot be verified any more
+    key = secrets.token_bytes(32)
+    path, full, off = _many_records(tmp_path, key)
+    _damaged(path, full, (off[31] - 5, 0x80))
+    s = FileDictionary.open(path, key, salvage=True, read_only=True)
+    assert s.entries == _all_but(60, 30, 31)
+    (region,) = s.salvage.regions
+    assert (region.offset, region.length, region.records) == (off[30], off[32] - off[30], 2)
+    assert region.paths == [b"f30", b"f31"]
+
+
+def test_salvage_loses_only_the_record_whose_length_is_damaged(tmp_path):
+    key = secrets.token_bytes(32)
+    path, full, off = _many_records(tmp_path, key)
+    bad = 30
+    for at in range(off[bad], off[bad] + 8):  # every byte of the length and its CRC
+        for bits in (0x01, 0x80):
+            _damaged(path, full, (at, bits))
+            with pytest.raises(Corruption) as err:
+                FileDictionary.open(path, key)
+            assert err.value.offset == off[bad]
+            s = FileDictionary.open(path, key, salvage=True, read_only=True)
+            assert s.entries == _all_but(60, bad), (at, bits)
+            (region,) = s.salvage.regions
+            assert (region.offset, region.length, region.records) == \
+                (off[bad], off[bad + 1] - off[bad], 1), (at, bits)
+            assert region.what == "bad record length" and not region.counted
+            assert s.salvage.paths == [b"f30"]  # decoded from where the record must lie
+
+
+def test_salvage_skips_each_of_several_damaged_regions(tmp_path):
+    key = secrets.token_bytes(32)
+    path, full, off = _many_records(tmp_path, key)
+    _damaged(path, full, (off[10] + 12, 0x10), (off[25] + 2, 0x01), (off[40] + 20, 0x02),
+             (off[41] + 1, 0x40))
+    s = FileDictionary.open(path, key, salvage=True, read_only=True)
+    assert s.entries == _all_but(60, 10, 25, 40, 41)
+    assert [(r.offset, r.records) for r in s.salvage.regions] == [(off[10], 1), (off[25], 1), (off[40], 2)]
+    assert s.salvage.offset == off[10] and s.salvage.lost_records == 4
+    assert s.salvage.lost_bytes == (off[11] - off[10]) + (off[26] - off[25]) + (off[42] - off[40])
+    # the flip at off[10] + 12 hit the path itself: the names are only best effort
+    assert s.salvage.paths == [b"f!0", b"f25", b"f40", b"f41"]
+
+
+def test_salvage_damage_in_the_first_and_in_the_last_record(tmp_path):
+    key = secrets.token_bytes(32)
+    path, full, off = _many_records(tmp_path, key, 12)
+    assert off[0] == HEADER_SIZE
+    for flips in ([(HEADER_SIZE + 9, 0x01)], [(HEADER_SIZE + 1, 0x01)]):  # payload, length
+        _damaged(path, full, *flips)
+        s = FileDictionary.open(path, key, salvage=True, read_only=True)
+        assert s.entries == _all_but(12, 0)
+        assert s.salvage.offset == HEADER_SIZE and s.salvage.lost_records == 1
+    _damaged(path, full, (HEADER_SIZE + 9, 0x01), (off[11] + 9, 0x01))
+    s = FileDictionary.open(path, key, salvage=True, read_only=True)
+    assert s.entries == _all_but(12, 0, 11)
+    assert [(r.offset, r.length) for r in s.salvage.regions] == \
+        [(off[0], off[1] - off[0]), (off[11], len(full) - off[11])]
+
+
+def test_salvaged_log_reopens_without_salvage_and_appends_verify(tmp_path):
+    key = secrets.token_bytes(32)
+    FileDictionary.create(tmp_path / "files.dict", key)
+    d = FileDictionary.open(tmp_path / "files.dict", key)
+    for i in range(20):
+        d.append([("put", f"f{i}".encode(), info(i))], sync=False)
+    t = d.begin(RULE_SRC_GONE, b"f3", 7, [("del", b"f3"), ("put", b"g3", info(3))])
+    d.append([("put", b"last", info(5))])
+    d.close()
+    full, off = d.path.read_bytes(), record_offsets(d.path)
+    _damaged(d.path, full, (off[8] + 2, 0x01), (off[12] + 11, 0x08))
+    s = FileDictionary.open(d.path, key, salvage=True)
+    expected = {**_all_but(20, 8, 12), b"last": info(5)}
+    assert s.entries == expected and list(s.pending) == [t]
+    assert s.generation == 2  # rewritten at once as a snapshot of what survived
+    s.append([("put", b"after", info(9))])
     s.close()
-    assert b"after" in FileDictionary.open(d.path, MAC_KEY).entries
+    again = FileDictionary.open(d.path, key)
+    assert again.salvage is None and again.entries == {**expected, b"after": info(9)}
+    again.append([("commit", t)])
+    again.append([("put", b"more", info(4))])
+    again.close()
+    last = FileDictionary.open(d.path, key, read_only=True)
+    assert last.entries[b"g3"] == info(3) and b"f3" not in last.entries
+    assert last.entries[b"more"] == info(4) and last.records == s.records + 2
 
 
 def test_header_damage_and_wrong_key(tmp_path):

@@ -138,3 +138,10 @@ def test_a_reader_written_from_the_page_reads_the_vault(tmp_path):
         assert keys[key_id][0] == method
         assert decrypt(method, keys[key_id][1], iv, (backing / os.fsdecode(rel)).read_bytes()) == plain
     assert json.loads((backing / ".tdefs" / "vault.json").read_text())["method"] == "sm4-ctr"
+    copy_key = hkdf(bytes.fromhex(body["vault_secret"]), b"tdefs entry copy mac v1")
+    for rel, (method, key_id, iv) in entries.items():
+        copy = os.getxattr(backing / os.fsdecode(rel), "user.tdefs.entry")
+        assert len(copy) == 38 and copy[0] == 1
+        assert hmac.new(copy_key, copy[:22], hashlib.sha256).digest()[:16] == copy[22:]
+        code, copy_key_id, copy_iv = struct.unpack(">BI16s", copy[1:22])
+        assert (METHODS[code], copy_key_id, copy_iv) == (method, key_id, iv)
