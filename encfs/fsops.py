@@ -1,4 +1,4 @@
-"""Small durable filesystem primitives: renameat2, directory fsync, syncfs, atomic replace.
+"""Small filesystem primitives: renameat2, fallocate, directory fsync, syncfs, atomic replace.
 
 ``atomic_replace`` is the one way tdefs replaces a metadata file: write a tmp file
 next to it, fsync it, rename it over the target, fsync the directory. A crash at any
@@ -39,6 +39,18 @@ def renameat2(src: str | bytes | Path, dst: str | bytes | Path, flags: int, *,
     if _renameat2(sfd, s, dfd, d, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fsdecode(s), None, os.fsdecode(d))
+
+
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode bits (FALLOC_FL_*); raises OSError with its errno."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def fsync_dir(path: str | bytes | Path, *, dir_fd: int | None = None) -> None:

@@ -64,10 +64,19 @@ def _mount(args: argparse.Namespace) -> int:
 def _umount(args: argparse.Namespace) -> int:
     from mount.daemon import unmount
 
-    done = unmount(args.mountpoint, lazy=args.lazy)
+    done, failures = unmount(args.mountpoint, lazy=args.lazy)
     if done != "unmounted":
         print(f"tdefs: {args.mountpoint}: {done}", file=sys.stderr)
-    return 0
+    if not failures:
+        return 0
+    # with the writeback cache write(2) only fills the page cache; what the disk then
+    # refused is lost, and a program learnt it only if it called fsync or close
+    print(f"tdefs: error: {args.mountpoint} is unmounted, but cached writes to"
+          f" {len(failures)} {'file' if len(failures) == 1 else 'files'} could not be"
+          " written back and are lost (see the daemon's log):", file=sys.stderr)
+    for f in failures:
+        print(f"  {f['path']}: {f['errno']} ({f['count']} failed)", file=sys.stderr)
+    return 1
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -89,7 +98,10 @@ def _status(args: argparse.Namespace) -> int:
             ("writeback cache", "on" if reply["writeback_cache"] else "off"),
             ("xattrs", "on" if reply["xattrs"] else "off"),
             ("entry copies", "on" if reply["entry_copies"] else
-             "off (the backing filesystem keeps no user extended attributes)")]
+             "off (the backing filesystem keeps no user extended attributes)"),
+            ("fallocate", "on" if reply["fallocate"] else "off (pyfuse3 lacks the patch)"),
+            ("write failures", f"{reply['write_failures']} files (cached writes lost; see"
+                               " the log)" if reply["write_failures"] else "none")]
     for name, value in rows:
         print(f"{name + ':':<16}{value}")
     return 0

@@ -37,6 +37,10 @@ from mount.fs import VaultFS
 
 log = logging.getLogger("tdefs.daemon")
 
+# FUSE FALLOCATE reaches the daemon only through our patch to pyfuse3 (patches/);
+# without it the kernel answers fallocate(2) with EOPNOTSUPP itself
+FALLOCATE = "fallocate" in getattr(pyfuse3, "TDEFS_PATCHES", ())
+
 FSTYPE = "fuse.tdefs"
 READY = b"ready\n"
 UNMOUNT_WAIT_S = 30.0
@@ -198,6 +202,7 @@ class _Daemon:
             "status": self._status,
             "keys.list": self._keys_list,
             "keys.rotate": self._keys_rotate,
+            "write_failures": self._write_failures,
         })
 
     async def run(self) -> None:
@@ -252,7 +257,12 @@ class _Daemon:
             "writeback_cache": self.req.writeback_cache,
             "xattrs": self.req.xattrs,
             "entry_copies": self.vault.copies.enabled,
+            "fallocate": FALLOCATE,
+            "write_failures": len(self.fs.write_failures),
         }
+
+    async def _write_failures(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"failures": sorted(self.fs.write_failures.values(), key=lambda f: f["first"])}
 
     async def _keys_list(self, request: dict[str, Any]) -> dict[str, Any]:
         keys = await trio.to_thread.run_sync(self.vault.keys.list)
@@ -274,6 +284,12 @@ def serve(req: MountRequest, on_ready: Any = None) -> None:
         except RuntimeError as exc:
             raise MountError(f"cannot mount {req.mountpoint}: {exc}") from None
         log.info("mounted %s on %s (pid %d)", req.backing, req.mountpoint, os.getpid())
+        if not FALLOCATE:
+            log.warning("this pyfuse3 lacks the fallocate patch (run scripts/setup):"
+                        " fallocate(2) on the mount fails with EOPNOTSUPP")
+        if not vault.copies.enabled:
+            log.warning("%s keeps no user extended attributes: files carry no copy of"
+                        " their entry", req.backing)
         try:
             trio.run(daemon.run)
         finally:
@@ -410,10 +426,12 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def unmount(mountpoint: Path, lazy: bool = False) -> str:
+def unmount(mountpoint: Path, lazy: bool = False) -> tuple[str, list[dict[str, Any]]]:
     """`tdefs umount`: flush, unmount, wait for the daemon to close the vault.
 
-    Also removes a mount whose daemon died. Returns what was done, for the user."""
+    Also removes a mount whose daemon died. Returns what was done, for the user, and
+    the files whose cached writes the daemon could not write back (disk full, I/O
+    error) since it mounted, as it recorded them once the flush was done."""
     mountpoint = Path(os.path.realpath(mountpoint))
     entry = mount_entry(mountpoint)
     if entry is None:
@@ -435,11 +453,15 @@ def unmount(mountpoint: Path, lazy: bool = False) -> str:
         if result.returncode != 0:
             raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
         control.ControlServer(str(mountpoint), {}).remove()
-        return gone
+        return gone, []
     try:
         sync_mount(mountpoint)
     except OSError as exc:
         print(f"tdefs: warning: flushing {mountpoint}: {exc.strerror}", file=sys.stderr)
+    try:
+        failures = control.request(mountpoint, "write_failures", timeout=10)["failures"]
+    except TdefsError:
+        failures = []  # the daemon went away meanwhile; its log still has them
     result = fusermount_unmount(mountpoint, lazy=lazy)
     if result.returncode != 0:
         detail = result.stderr.strip().removeprefix("fusermount3: ")
@@ -450,4 +472,4 @@ def unmount(mountpoint: Path, lazy: bool = False) -> str:
         if time.monotonic() > deadline:
             raise MountError(f"{mountpoint} is unmounted but daemon {pid} has not exited")
         time.sleep(0.02)
-    return "unmounted"
+    return "unmounted", failures

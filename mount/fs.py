@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -33,13 +34,21 @@ from mount.inodes import ROOT_INODE, Inode, InodeTable, join, parent_of
 log = logging.getLogger("tdefs.mount")
 
 # Everything reaches the backing tree through this daemon, so the kernel may cache
-# names and attributes for long; the tree changes only through requests we answer.
+# names for long; the tree changes only through requests we answer. Attributes are
+# cached for a second only: with the writeback cache, a write(2) asks the daemon for
+# nothing until they expire, so this is how long a program keeps writing into the
+# page cache of a mount whose daemon has died before it gets ENOTCONN.
 ENTRY_TIMEOUT = 60.0
-ATTR_TIMEOUT = 60.0
+ATTR_TIMEOUT = 1.0
 
 # Reads and writes at least this large run in a worker thread so the loop keeps
 # serving other requests; smaller ones cost less inline than a thread hop.
 THREAD_IO_BYTES = 128 * 1024
+# An fsync of a file with more than this written since its last fsync may take
+# long: it always runs in a worker thread, so other files' requests never wait.
+FSYNC_INLINE_BYTES = 1 << 20
+# write-back failures remembered for `tdefs umount` and status (the log has all)
+WRITE_FAILURES_KEPT = 1000
 
 _META = META_DIR.encode()
 _CAPABILITY = b"security.capability"
@@ -119,6 +128,8 @@ class VaultFS(pyfuse3.Operations):
         self._next_dir_fh = 1
         self._is_root = os.geteuid() == 0
         self._in_flight = 0  # requests being handled now
+        # path -> {"path", "errno", "count", "first", "last"}: write-backs that failed
+        self.write_failures: dict[str, dict[str, Any]] = {}
 
     # ----------------------------------------------------------------- helpers
 
@@ -242,6 +253,33 @@ class VaultFS(pyfuse3.Operations):
             return await trio.to_thread.run_sync(fn, *args)
         return fn(*args)
 
+    @staticmethod
+    async def _long(fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a call that may take long (a size change, an fsync of much data) in a
+        worker thread always: requests for other files keep being served meanwhile,
+        even those the kernel has not sent yet."""
+        return await trio.to_thread.run_sync(fn, *args)
+
+    def _write_failed(self, inode: Inode, what: str, exc: OSError) -> None:
+        """A write-back the kernel made (or an fsync) failed: the cached data is lost.
+        Say so in the log, with the path, and keep it for `tdefs umount`. (Without the
+        writeback cache the program's own write(2) gets the error: nothing is lost.)"""
+        if not self.enable_writeback_cache:
+            return
+        path = os.fsdecode(inode.any_path()) if inode.paths else f"(unlinked inode {inode.ino})"
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        log.error("%s of %s failed (%s: %s): data cached for it is lost", what, path, name,
+                  exc.strerror)
+        now = time.time()
+        seen = self.write_failures.get(path)
+        if seen is None:
+            if len(self.write_failures) >= WRITE_FAILURES_KEPT:
+                return
+            seen = self.write_failures[path] = {"path": path, "errno": name, "count": 0,
+                                                "first": now}
+        seen["count"] += 1
+        seen["last"] = now
+
     # ------------------------------------------------------------------ names
 
     @_answer_errors
@@ -335,11 +373,11 @@ class VaultFS(pyfuse3.Operations):
                 return
             cipher = self._cipher(node)
             if fd is not None:
-                await self._io(content.truncate, fd, cipher, length)
+                await self._long(content.truncate, fd, cipher, length)
                 return
             tmp = self._open_backing(node, os.O_RDWR | os.O_CLOEXEC)
             try:
-                await self._io(content.truncate, tmp, cipher, length)
+                await self._long(content.truncate, tmp, cipher, length)
             finally:
                 os.close(tmp)
 
@@ -539,10 +577,21 @@ class VaultFS(pyfuse3.Operations):
             await inode.lock.acquire()
         try:
             inode.written = True
+            inode.unsynced += len(buf)
             return await self._io(content.write_at, h.fd, inode.cipher, buf, off,
                                   slow=len(buf) >= THREAD_IO_BYTES)
+        except OSError as exc:
+            self._write_failed(inode, "write", exc)
+            raise
         finally:
             inode.lock.release()
+
+    @_answer_errors
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        h = self._handle(fh)
+        inode = h.inode
+        async with inode.lock:
+            await self._long(content.fallocate, h.fd, inode.cipher, mode, offset, length)
 
     def _restore_mtime(self, inode: Inode, fd: int) -> None:
         """Give the backing file the mtime the kernel shows for it.
@@ -584,7 +633,17 @@ class VaultFS(pyfuse3.Operations):
         # the file's dictionary entry must be on disk no later than its data (in the
         # vault's "ordered" durability mode nothing else syncs the log)
         await self._io(self.vault.sync)
-        await self._io(os.fdatasync if datasync else os.fsync, h.fd)
+        inode = h.inode
+        sync = os.fdatasync if datasync else os.fsync
+        unsynced, inode.unsynced = inode.unsynced, 0
+        try:
+            if unsynced > FSYNC_INLINE_BYTES:
+                await self._long(sync, h.fd)
+            else:
+                await self._io(sync, h.fd)
+        except OSError as exc:
+            self._write_failed(inode, "fsync", exc)
+            raise
 
     # ------------------------------------------------------------ the rest
 

@@ -29,7 +29,7 @@ class Inode:
     """One file as the kernel knows it."""
 
     __slots__ = ("ino", "backing_ino", "paths", "lookups", "fds", "cipher", "lock",
-                 "mtime_ns", "written", "last_st", "no_capability")
+                 "mtime_ns", "written", "last_st", "no_capability", "unsynced")
 
     def __init__(self, ino: int, backing_ino: int | None) -> None:
         self.ino = ino
@@ -46,6 +46,7 @@ class Inode:
         self.written = False
         self.last_st: os.stat_result | None = None  # as last told to the kernel
         self.no_capability = False  # known to have no security.capability attribute
+        self.unsynced = 0  # bytes written through the mount since the last fsync
 
     def any_path(self) -> bytes:
         """A backing-relative path of this inode; FileNotFoundError when it has none."""

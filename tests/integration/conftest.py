@@ -112,8 +112,11 @@ def force_cleanup(mountpoint: Path) -> None:
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
-def make_vault(root: Path, name: str = "v", method: str | None = None) -> VaultPaths:
-    v = VaultPaths(backing=root / f"{name}-backing", mountpoint=root / f"{name}-mnt",
+def make_vault(root: Path, name: str = "v", method: str | None = None,
+               backing_root: Path | None = None) -> VaultPaths:
+    """A new vault under ``root`` (its backing directory under ``backing_root`` if given)."""
+    v = VaultPaths(backing=(backing_root or root) / f"{name}-backing",
+                   mountpoint=root / f"{name}-mnt",
                    key_file=root / f"{name}.key", log=root / f"{name}.log")
     v.backing.mkdir()
     v.mountpoint.mkdir()
@@ -149,6 +152,37 @@ def mounted_at(v: VaultPaths, env: dict | None = None,
         umount(v)
     finally:
         force_cleanup(v.mountpoint)
+
+
+@contextmanager
+def small_filesystem(where: Path, size: str, kind: str = "tmpfs") -> Iterator[Path]:
+    """A filesystem of ``size`` mounted at ``where`` (made if missing) for the block: a
+    tmpfs, or ``kind="ext4"`` on a loop device backed by a sparse image next to it. A
+    disk a test may fill, and a cap on anything that runs away writing. Needs root;
+    fails in CI and skips elsewhere without it."""
+    where.mkdir(parents=True, exist_ok=True)
+    image = where.with_name(where.name + ".img")
+    if kind == "ext4":
+        with open(image, "wb") as f:
+            f.truncate(int(size.rstrip("m")) << 20)
+        setup = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True,
+                               text=True)
+        cmd = ["mount", "-o", "loop", str(image), str(where)]
+    else:
+        setup = subprocess.CompletedProcess([], 0, "", "")
+        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)]
+    proc = setup if setup.returncode else subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        image.unlink(missing_ok=True)
+        problem = f"cannot mount a {kind} at {where}: {proc.stderr.strip()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run this test, but {problem}")
+        pytest.skip(problem)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        image.unlink(missing_ok=True)
 
 
 @pytest.fixture

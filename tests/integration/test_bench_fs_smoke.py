@@ -61,6 +61,25 @@ def test_quick_bench_prints_every_row(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
+def test_sparse_rows_judge_tdefs_against_their_limits(tmp_path: Path) -> None:
+    require_fuse()
+    env = {k: v for k, v in os.environ.items() if k != "TDEFS_FAILPOINTS"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "sparse", "--dir", str(tmp_path),
+         "--json", str(tmp_path / "result.json")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["workload"]: r for r in json.loads((tmp_path / "result.json").read_text())["rows"]}
+    for name, limit in (("truncate_1g", "<= 10 ms"), ("write_at_1g", "<= 10 ms"),
+                        ("truncate_1g_alloc", "<= 8 KiB"), ("write_at_1g_alloc", "<= 8 KiB"),
+                        ("stat_while_copy_p99", "<= 5 ms")):
+        row = rows[name]
+        assert row["target"] == limit and row["raw"] is not None and row["tdefs"] is not None
+        assert row["result"] == ("PASS" if row["tdefs"] <= float(limit.split()[1]) else "MISS")
+    # growing a file through the mount allocates no more than the raw disk does
+    assert rows["truncate_1g_alloc"]["tdefs"] <= 8 and rows["write_at_1g_alloc"]["tdefs"] <= 8
+
+
 def test_bench_refuses_bad_options(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(BENCH), "--only", "nonsense"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -51,9 +51,12 @@ def test_write_past_eof_reads_back_zeros(mnt: VaultPaths) -> None:
     assert data[:4] == b"head"
     assert data[4:3 * 2**20 + 5] == bytes(3 * 2**20 + 1)
     assert data[-4:] == b"tail"
-    # the gap is encrypted zeros on disk, not a hole of plaintext zeros
+    # the whole blocks of the gap are holes; the blocks holding data are ciphertext
     raw = backing_bytes(mnt, "sparse")
-    assert raw[4096:8192] != bytes(4096)
+    assert raw[4096:3 * 2**20] == bytes(3 * 2**20 - 4096)
+    assert b"head" not in raw[:4096] and raw[:4096].count(0) < 64
+    assert b"tail" not in raw[3 * 2**20:] and raw[3 * 2**20:].count(0) < 64
+    assert os.stat(mnt.backing / "sparse").st_blocks * 512 <= 3 * 4096
 
 
 def test_truncate_grow_shrink_grow(mnt: VaultPaths) -> None:

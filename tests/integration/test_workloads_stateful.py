@@ -2,8 +2,8 @@
 
 A hypothesis state machine applies the same operation to a directory on the mount and
 to one on the plain disk, and requires the same outcome (result or errno) from both:
-writes at random offsets and sizes (past EOF too), O_APPEND and O_TRUNC rewrites,
-truncate, rename (files and directories, over existing targets, RENAME_NOREPLACE and
+writes at random offsets and sizes (past EOF too, leaving holes of many blocks),
+O_APPEND and O_TRUNC rewrites, truncate up and down, fallocate in every mode, rename (files and directories, over existing targets, RENAME_NOREPLACE and
 RENAME_EXCHANGE), link, unlink, and open handles that outlive renames and unlinks.
 After every step both trees must read the same. The mount is made once for the module; each example gets a fresh
 subdirectory, and at the end a remount must read every example's tree back.
@@ -30,7 +30,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from encfs.content import FALLOC_MODES
+from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, fallocate, renameat2
 
 pytestmark = pytest.mark.fuse
 
@@ -38,10 +39,13 @@ FILES = ("a", "b", "p/a", "p/b", "q/c", "r/d")
 DIRS = ("p", "q", "r")
 MAX_OFFSET = 150_000
 MAX_WRITE = 70_000
+FAR_OFFSET = 4 << 20
 
 names = st.sampled_from(FILES)
 dirs = st.sampled_from(DIRS)
-offsets = st.one_of(st.integers(0, 64), st.integers(0, MAX_OFFSET))
+# small, anywhere in a few blocks, and far: holes of many blocks
+offsets = st.one_of(st.integers(0, 64), st.integers(0, MAX_OFFSET),
+                    st.integers(MAX_OFFSET, FAR_OFFSET))
 sizes = st.one_of(st.integers(0, 40), st.integers(0, MAX_WRITE))
 seeds = st.integers(0, 2**32 - 1)
 handle_picks = st.integers(0, 1_000)
@@ -252,6 +256,13 @@ class MirrorMachine(RuleBasedStateMachine):
     @rule(pick=handle_picks, length=st.integers(0, MAX_OFFSET))
     def handle_truncate(self, pick: int, length: int) -> None:
         self.each_handle(pick, lambda fd: os.ftruncate(fd, length), f"ftruncate to {length}")
+
+    @precondition(lambda self: self.handles)
+    @rule(pick=handle_picks, mode=st.sampled_from(FALLOC_MODES), offset=offsets,
+          length=st.integers(1, MAX_WRITE))
+    def handle_fallocate(self, pick: int, mode: int, offset: int, length: int) -> None:
+        self.each_handle(pick, lambda fd: fallocate(fd, mode, offset, length),
+                         f"fallocate mode {mode:#x} of {length} at {offset}")
 
     @precondition(lambda self: self.handles)
     @rule(pick=handle_picks)

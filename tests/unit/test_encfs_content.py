@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -37,13 +38,34 @@ def test_write_then_read_round_trip_and_ciphertext_on_disk(fd):
     assert content.read_at(fd, CIPHER, 10, 16) == b""
 
 
-def test_gap_past_eof_reads_as_zeros_even_across_chunks(fd, monkeypatch):
-    monkeypatch.setattr(content, "GAP_CHUNK", 1000)
-    monkeypatch.setattr(content, "_ZEROS", bytes(1000))
+def check_rule(fd: int, plain: bytes) -> None:
+    """The backing bytes keep the holes rule for a file whose contents are ``plain``:
+    each whole block is all zero (and ``plain`` is zero there) or ciphertext in full;
+    the partial last block is ciphertext in full."""
+    raw = _raw(fd)
+    assert len(raw) == len(plain)
+    cipher = CIPHER.apply(plain, 0)
+    for start in range(0, len(raw), content.BLOCK):
+        block = raw[start:start + content.BLOCK]
+        whole = len(block) == content.BLOCK
+        if whole and block == content.ZERO_BLOCK:
+            assert plain[start:start + content.BLOCK] == content.ZERO_BLOCK
+        else:
+            assert block == cipher[start:start + content.BLOCK], f"block at {start}"
+
+
+def test_a_write_far_past_the_end_leaves_a_hole(fd):
     content.write_at(fd, CIPHER, b"a", 0)
-    content.write_at(fd, CIPHER, b"z", 5001)
-    assert content.read_at(fd, CIPHER, 6000, 0) == b"a" + bytes(5000) + b"z"
-    assert _raw(fd) == CIPHER.apply(b"a" + bytes(5000) + b"z", 0)
+    content.write_at(fd, CIPHER, b"z", (1 << 30) + 5)
+    st = os.fstat(fd)
+    assert st.st_size == (1 << 30) + 6
+    assert st.st_blocks * 512 <= 4 * content.BLOCK  # two blocks written, not a GiB
+    assert content.read_at(fd, CIPHER, 10, 0) == b"a" + bytes(9)
+    assert content.read_at(fd, CIPHER, 10, (1 << 30) - 4) == bytes(9) + b"z"
+    assert content.read_at(fd, CIPHER, 3 * content.BLOCK, 1 << 29) == bytes(3 * content.BLOCK)
+    # the old last block was completed with encrypted zeros, the new one holds them too
+    head = os.pread(fd, content.BLOCK, 0)
+    assert head == CIPHER.apply(b"a" + bytes(content.BLOCK - 1), 0)
 
 
 def test_truncate_grow_and_shrink(fd):
@@ -52,9 +74,63 @@ def test_truncate_grow_and_shrink(fd):
     assert content.read_at(fd, CIPHER, 100, 0) == b"abc"
     content.truncate(fd, CIPHER, 40)
     assert content.read_at(fd, CIPHER, 100, 0) == b"abc" + bytes(37)
-    assert _raw(fd)[3:] != bytes(37)  # encrypted zeros, not holes
+    assert _raw(fd)[3:] != bytes(37)  # the partial last block: encrypted zeros
+    content.truncate(fd, CIPHER, 1 << 40)  # a terabyte, at once
+    assert os.fstat(fd).st_blocks * 512 <= 2 * content.BLOCK
+    assert content.read_at(fd, CIPHER, 8, (1 << 40) - 8) == bytes(8)
+    content.truncate(fd, CIPHER, 3 * content.BLOCK + 5)  # down, into a hole
+    check_rule(fd, b"abc" + bytes(3 * content.BLOCK + 2))
     content.truncate(fd, CIPHER, 0)
     assert os.fstat(fd).st_size == 0
+
+
+def test_sizes_the_backing_filesystem_refuses_fail_and_change_nothing(fd):
+    content.write_at(fd, CIPHER, b"abc", 0)
+    for length in (999999999999999999, (1 << 63) - 1):
+        with pytest.raises(OSError) as exc:
+            content.truncate(fd, CIPHER, length)
+        assert exc.value.errno in (errno.EFBIG, errno.EINVAL)
+        with pytest.raises(OSError) as exc:
+            content.write_at(fd, CIPHER, b"x", length)
+        assert exc.value.errno in (errno.EFBIG, errno.EINVAL)
+    assert content.read_at(fd, CIPHER, 100, 0) == b"abc" and os.fstat(fd).st_size == 3
+
+
+def test_writes_into_holes_fill_their_block(fd):
+    B = content.BLOCK
+    content.truncate(fd, CIPHER, 4 * B)  # all holes
+    content.write_at(fd, CIPHER, b"mid", B + 100)  # inside a hole block
+    content.write_at(fd, CIPHER, b"x" * (B + 10), 2 * B + 50)  # across two hole blocks
+    plain = bytearray(4 * B)
+    plain[B + 100:B + 103] = b"mid"
+    plain[2 * B + 50:3 * B + 60] = b"x" * (B + 10)
+    check_rule(fd, bytes(plain))
+    assert content.read_at(fd, CIPHER, 4 * B, 0) == bytes(plain)
+    assert os.pread(fd, B, 0) == bytes(B)  # block 0 stays a hole
+
+
+def test_fallocate_modes_keep_the_rule(fd):
+    B = content.BLOCK
+    plain = bytearray(os.urandom(5 * B + 123))
+    content.write_at(fd, CIPHER, bytes(plain), 0)
+    content.fallocate(fd, CIPHER, content.FALLOC_FL_PUNCH_HOLE | content.FALLOC_FL_KEEP_SIZE,
+                      B - 10, 2 * B + 20)
+    plain[B - 10:3 * B + 10] = bytes(2 * B + 20)
+    check_rule(fd, bytes(plain))
+    assert os.pread(fd, B, B) == bytes(B)  # the whole block in between is punched
+    content.fallocate(fd, CIPHER, content.FALLOC_FL_ZERO_RANGE, 4 * B + 7, 2 * B)
+    plain[4 * B + 7:] = bytes(len(plain) - 4 * B - 7)
+    plain.extend(bytes(6 * B + 7 - len(plain)))  # ZERO_RANGE without KEEP_SIZE grows
+    check_rule(fd, bytes(plain))
+    content.fallocate(fd, CIPHER, 0, 8 * B, 3 * B + 1)  # allocate past the end
+    plain.extend(bytes(11 * B + 1 - len(plain)))
+    check_rule(fd, bytes(plain))
+    content.fallocate(fd, CIPHER, content.FALLOC_FL_KEEP_SIZE, 20 * B, B)
+    assert os.fstat(fd).st_size == len(plain)
+    assert content.read_at(fd, CIPHER, len(plain) + 10, 0) == bytes(plain)
+    with pytest.raises(OSError) as exc:
+        content.fallocate(fd, CIPHER, 0x08, 0, B)  # FALLOC_FL_COLLAPSE_RANGE
+    assert exc.value.errno == errno.EOPNOTSUPP
 
 
 def test_plaintext_passes_through(fd):
@@ -64,24 +140,52 @@ def test_plaintext_passes_through(fd):
     assert content.read_at(fd, PLAINTEXT, 100, 0) == bytes(4) + b"xyz" + bytes(3)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.tuples(st.integers(0, 3000), st.binary(max_size=300)), max_size=15),
-       cut=st.integers(0, 4000))
-def test_random_writes_match_a_model(tmp_path, ops, cut):
+_B = content.BLOCK
+_OP = st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 6 * _B), st.binary(max_size=2 * _B)),
+    st.tuples(st.just("truncate"), st.integers(0, 7 * _B)),
+    st.tuples(st.sampled_from(["punch", "zero", "zero-keep", "alloc", "alloc-keep"]),
+              st.integers(0, 6 * _B), st.integers(1, 3 * _B)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_OP, max_size=12))
+def test_random_changes_match_a_model(tmp_path, ops):
+    """Writes, truncations and fallocate modes in any order read back like a plain
+    file, and the backing bytes keep the holes rule after every step."""
     path = tmp_path / "model"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    modes = {"punch": content.FALLOC_FL_PUNCH_HOLE | content.FALLOC_FL_KEEP_SIZE,
+             "zero": content.FALLOC_FL_ZERO_RANGE,
+             "zero-keep": content.FALLOC_FL_ZERO_RANGE | content.FALLOC_FL_KEEP_SIZE,
+             "alloc": 0, "alloc-keep": content.FALLOC_FL_KEEP_SIZE}
     try:
         model = bytearray()
-        for off, data in ops:
-            content.write_at(fd, CIPHER, data, off)
-            if data:
-                if off > len(model):
-                    model.extend(bytes(off - len(model)))
-                model[off:off + len(data)] = data
-        content.truncate(fd, CIPHER, cut)
-        model = model[:cut] + bytes(max(0, cut - len(model)))
-        assert content.read_at(fd, CIPHER, 10000, 0) == bytes(model)
-        assert _raw(fd) == CIPHER.apply(bytes(model), 0)
+        for op in ops:
+            if op[0] == "write":
+                _, off, data = op
+                content.write_at(fd, CIPHER, data, off)
+                if data:
+                    model.extend(bytes(max(0, off - len(model))))
+                    model[off:off + len(data)] = data
+            elif op[0] == "truncate":
+                content.truncate(fd, CIPHER, op[1])
+                model = model[:op[1]] + bytes(max(0, op[1] - len(model)))
+            else:
+                kind, off, length = op
+                content.fallocate(fd, CIPHER, modes[kind], off, length)
+                end = off + length
+                if kind in ("punch", "zero", "zero-keep"):
+                    stop = min(end, len(model))
+                    if stop > off:
+                        model[off:stop] = bytes(stop - off)
+                if kind in ("zero", "alloc") and end > len(model):
+                    model.extend(bytes(end - len(model)))
+            check_rule(fd, bytes(model))
+        assert content.read_at(fd, CIPHER, 10 * _B, 0) == bytes(model)
+        for off in range(0, len(model), 1000):  # unaligned reads of every size
+            assert content.read_at(fd, CIPHER, 1777, off) == bytes(model[off:off + 1777])
     finally:
         os.close(fd)
 
