@@ -4,7 +4,9 @@ An append-only log (byte layout in docs/vault-format.md): a header, then records
 ``[length][length check][payload][MAC]``. Each MAC is HMAC-SHA256 under a key derived
 from the vault secret, over the previous record's MAC (the header's for the first
 record), the length and the payload, so a changed, dropped, reordered or forged record
-breaks the chain. A record holds one or more operations and is applied whole:
+breaks the chain. A record holds one or more operations (values of the types
+``Put``, ``Del``, ``Begin``, ``Commit``, ``Abort``; ``Op`` is any of them) and is
+applied whole:
 
 - PUT(path, info) and DEL(path) change one entry;
 - BEGIN(txid, rule, src, src_ino) opens an intent: the record's remaining operations
@@ -20,6 +22,8 @@ far, with the intents in ``applied`` committed; a record is either wholly in the
 open and truncated away; ``sync(seq)`` returns only once record ``seq`` is durable,
 and concurrent callers share one fdatasync (group commit). When the log holds many
 more records than live entries it is rewritten as a snapshot with ``atomic_replace``.
+Callers read the state through FileDictionary's methods (``get``, ``items``,
+``is_deferred``, ...) rather than its dicts.
 """
 
 from __future__ import annotations
@@ -75,7 +79,47 @@ class FileInfo:
         return f"FileInfo({self.method!r}, key={self.key_id}, iv={self.iv.hex()})"
 
 
-Op = tuple  # ("put", path, info) | ("del", path) | ("begin", ...) | ("commit", txid) | ("abort", txid)
+@dataclass(frozen=True, slots=True)
+class Put:
+    """PUT: ``path``'s entry becomes ``info``."""
+
+    path: bytes
+    info: FileInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Del:
+    """DEL: ``path`` has no entry (if it had one)."""
+
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """BEGIN: opens intent ``txid``, the rename of ``src`` (inode ``src_ino``); the
+    rest of its record is held until a COMMIT or ABORT of ``txid``."""
+
+    txid: int
+    rule: int
+    src: bytes
+    src_ino: int
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """COMMIT: apply intent ``txid``'s operations, then forget it."""
+
+    txid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """ABORT: forget intent ``txid``."""
+
+    txid: int
+
+
+Op = Put | Del | Begin | Commit | Abort
 
 
 @dataclass
@@ -169,27 +213,30 @@ def _path_bytes(path: bytes) -> bytes:
 
 
 def encode_ops(ops: Iterable[Op]) -> bytes:
+    """A record payload holding ``ops``, in order."""
     out = bytearray()
+    # isinstance, not match: a class pattern costs several times more per operation
     for op in ops:
-        kind = op[0]
-        if kind == "put":
-            info: FileInfo = op[2]
+        if isinstance(op, Put):
+            info = op.info
             out.append(PUT)
-            out += _path_bytes(op[1])
+            out += _path_bytes(op.path)
             out += _PUT_TAIL.pack(METHOD_CODES[info.method], info.key_id, info.iv)
-        elif kind == "del":
+        elif isinstance(op, Del):
             out.append(DEL)
-            out += _path_bytes(op[1])
-        elif kind == "begin":
-            _, txid, rule, src, src_ino = op
+            out += _path_bytes(op.path)
+        elif isinstance(op, Begin):
             out.append(BEGIN)
-            out += _BEGIN_HEAD.pack(txid, rule, src_ino)
-            out += _path_bytes(src)
-        elif kind in ("commit", "abort"):
-            out.append(COMMIT if kind == "commit" else ABORT)
-            out += _TX.pack(op[1])
+            out += _BEGIN_HEAD.pack(op.txid, op.rule, op.src_ino)
+            out += _path_bytes(op.src)
+        elif isinstance(op, Commit):
+            out.append(COMMIT)
+            out += _TX.pack(op.txid)
+        elif isinstance(op, Abort):
+            out.append(ABORT)
+            out += _TX.pack(op.txid)
         else:
-            raise ValueError(f"unknown operation {kind!r}")
+            raise ValueError(f"unknown operation {op!r}")
     return bytes(out)
 
 
@@ -227,10 +274,10 @@ def _decode_into(payload: bytes, ops: list[Op]) -> None:
             pos += _PUT_TAIL.size
             if mcode not in METHOD_NAMES:
                 raise ValueError(f"unknown method code {mcode}")
-            ops.append(("put", path, FileInfo(METHOD_NAMES[mcode], key_id, iv)))
+            ops.append(Put(path, FileInfo(METHOD_NAMES[mcode], key_id, iv)))
         elif code == DEL:
             path, pos = path_at(pos)
-            ops.append(("del", path))
+            ops.append(Del(path))
         elif code == BEGIN:
             if ops or pos + _BEGIN_HEAD.size > n:
                 raise ValueError("BEGIN not first in its record or truncated")
@@ -239,13 +286,13 @@ def _decode_into(payload: bytes, ops: list[Op]) -> None:
             if rule not in (RULE_SRC_GONE, RULE_SRC_REPLACED):
                 raise ValueError(f"unknown intent rule {rule}")
             src, pos = path_at(pos)
-            ops.append(("begin", txid, rule, src, src_ino))
+            ops.append(Begin(txid, rule, src, src_ino))
         elif code in (COMMIT, ABORT):
             if pos + _TX.size > n:
                 raise ValueError("truncated COMMIT/ABORT")
             (txid,) = _TX.unpack_from(payload, pos)
             pos += _TX.size
-            ops.append(("commit" if code == COMMIT else "abort", txid))
+            ops.append(Commit(txid) if code == COMMIT else Abort(txid))
         else:
             raise ValueError(f"unknown operation code {code}")
 
@@ -422,9 +469,48 @@ class FileDictionary:
         self._size = pos
 
     # -- reading -------------------------------------------------------------------
+    # Lookups and counts take no lock: each is one operation on a dict, atomic under
+    # the GIL, and ``get`` is on the path of every open. Snapshots copy in one call.
 
     def get(self, path: bytes) -> FileInfo | None:
+        """``path``'s entry, or None when it has none."""
         return self.entries.get(path)
+
+    def has_entry(self, path: bytes) -> bool:
+        """Does ``path`` have an entry?"""
+        return path in self.entries
+
+    def count(self) -> int:
+        """How many entries there are."""
+        return len(self.entries)
+
+    def items(self) -> list[tuple[bytes, FileInfo]]:
+        """A snapshot of every entry, as (path, info)."""
+        return list(self.entries.items())
+
+    def paths(self) -> list[bytes]:
+        """A snapshot of every path that has an entry."""
+        return list(self.entries)
+
+    def is_deferred(self, path: bytes) -> bool:
+        """Is ``path``'s DEL deferred (see defer_delete)?"""
+        return path in self.deferred
+
+    def deferred_paths(self) -> list[bytes]:
+        """A snapshot of the paths whose DEL is deferred."""
+        return list(self.deferred)
+
+    def deferred_count(self) -> int:
+        """How many paths have their DEL deferred."""
+        return len(self.deferred)
+
+    def applied_count(self) -> int:
+        """How many intents are applied but not committed (see apply_intent)."""
+        return len(self.applied)
+
+    def pending_intents(self) -> list[Pending]:
+        """A snapshot of the intents waiting for their COMMIT or ABORT, oldest first."""
+        return list(self.pending.values())
 
     def paths_under(self, prefix: bytes) -> list[bytes]:
         """Entry paths strictly below directory ``prefix`` (costs one look at each
@@ -468,7 +554,7 @@ class FileDictionary:
             keys = {info.key_id for info in self.entries.values()}
             keys.update(info.key_id for info in self.deferred.values())
             for p in self.pending.values():
-                keys.update(op[2].key_id for op in p.ops if op[0] == "put")
+                keys.update(op.info.key_id for op in p.ops if isinstance(op, Put))
             return keys
 
     # -- writing -------------------------------------------------------------------
@@ -504,9 +590,9 @@ class FileDictionary:
             if deferred:
                 # decided under the lock: a path made anew meanwhile is no longer deferred.
                 # The DELs go first: they record unlinks that happened before ``ops``.
-                if ops and ops[0][0] == "begin":
+                if ops and isinstance(ops[0], Begin):
                     raise ValueError("deferred DELs cannot join an intent record")
-                ops = [*(("del", p) for p in deferred if p in self.deferred), *ops]
+                ops = [*(Del(p) for p in deferred if p in self.deferred), *ops]
             if not ops:
                 return 0
             if self._applied_paths:
@@ -542,7 +628,7 @@ class FileDictionary:
 
     def apply_intent(self, txid: int) -> None:
         """Apply pending intent ``txid`` in memory now; its COMMIT comes later (a record
-        holding ("commit", txid)). Until then no record may touch its paths: append
+        holding ``Commit(txid)``). Until then no record may touch its paths: append
         refuses one that does."""
         with self._lock:
             p = self.pending.pop(txid)
@@ -558,7 +644,7 @@ class FileDictionary:
         with self._lock:
             txid = self._next_txid
             self._next_txid += 1
-        self.append([("begin", txid, rule, src, src_ino), *ops], sync=sync)
+        self.append([Begin(txid, rule, src, src_ino), *ops], sync=sync)
         return txid
 
     def sync(self, seq: int | None = None) -> None:
@@ -599,10 +685,9 @@ class FileDictionary:
     def _refuse_applied_paths(self, ops: Sequence[Op]) -> None:
         """Replay resolves an applied intent after every later record: a later record
         touching its paths would be applied in the wrong order."""
-        start = 1 if ops[0][0] == "begin" else 0
-        touched = [op[1] for op in ops[start:] if op[0] in ("put", "del")]
-        if start:
-            touched.append(ops[0][3])  # the intent's src
+        touched = [op.path for op in ops if isinstance(op, (Put, Del))]
+        if isinstance(ops[0], Begin):
+            touched.append(ops[0].src)
         for path in touched:
             if path in self._applied_paths:
                 raise RuntimeError(f"{path!r} belongs to an intent whose COMMIT is not written")
@@ -628,13 +713,13 @@ class FileDictionary:
             parts = [head]
             count = 0
             # deferred deletes stay in the snapshot: their unlinks may not be durable
-            items = [("put", p, i) for p, i in (*self.entries.items(), *self.deferred.items())]
+            items = [Put(p, i) for p, i in (*self.entries.items(), *self.deferred.items())]
             for i in range(0, len(items), SNAPSHOT_OPS_PER_RECORD):
                 rec, prev = _record(self._mac_key, prev, encode_ops(items[i : i + SNAPSHOT_OPS_PER_RECORD]))
                 parts.append(rec)
                 count += 1
             for p in self.pending.values():
-                ops = [("begin", p.txid, p.rule, p.src, p.src_ino), *p.ops]
+                ops = [Begin(p.txid, p.rule, p.src, p.src_ino), *p.ops]
                 rec, prev = _record(self._mac_key, prev, encode_ops(ops))
                 parts.append(rec)
                 count += 1
@@ -662,32 +747,32 @@ class FileDictionary:
 
     def _apply(self, ops: list[Op]) -> None:
         """Apply one record's operations to memory (caller holds the lock or replays)."""
-        if ops[0][0] == "begin":
-            _, txid, rule, src, src_ino = ops[0]
-            self.pending[txid] = Pending(txid, rule, src, src_ino, ops[1:])
-            self._next_txid = max(self._next_txid, txid + 1)
+        first = ops[0]
+        if isinstance(first, Begin):
+            self.pending[first.txid] = Pending(first.txid, first.rule, first.src, first.src_ino,
+                                               ops[1:])
+            self._next_txid = max(self._next_txid, first.txid + 1)
             return
         for op in ops:
-            kind = op[0]
-            if kind == "put":
-                path = op[1]
+            if isinstance(op, Put):
+                path = op.path
                 if path not in self.entries:
                     self._entry_dirs.add(path)
-                self.entries[path] = op[2]
+                self.entries[path] = op.info
                 self._undefer(path)
-            elif kind == "del":
-                self._forget(op[1])
-                self._undefer(op[1])
-            elif kind == "commit":
-                p = self.pending.pop(op[1], None)
+            elif isinstance(op, Del):
+                self._forget(op.path)
+                self._undefer(op.path)
+            elif isinstance(op, Commit):
+                p = self.pending.pop(op.txid, None)
                 if p is not None:
                     self._apply(p.ops)
                 else:
-                    self._forget_applied(op[1])
-            elif kind == "abort":
-                self.pending.pop(op[1], None)
+                    self._forget_applied(op.txid)
+            elif isinstance(op, Abort):
+                self.pending.pop(op.txid, None)
             else:
-                raise ValueError(f"operation {kind!r} outside the start of a record")
+                raise ValueError(f"operation {op!r} outside the start of a record")
 
 
     def _forget(self, path: bytes) -> FileInfo | None:
@@ -715,7 +800,7 @@ class FileDictionary:
 
 
 def _intent_paths(p: Pending) -> set[bytes]:
-    return {p.src, *(op[1] for op in p.ops)}
+    return {p.src, *(op.path for op in p.ops if isinstance(op, (Put, Del)))}
 
 
 class _DirIndex:
@@ -833,10 +918,10 @@ def _describe_loss(data: bytes, offset: int, stop: int, problem: str) -> Damaged
         except ValueError:
             pass  # keep the operations decoded before the damage
         for op in ops:
-            if op[0] in ("put", "del"):
-                paths.add(op[1])
-            elif op[0] == "begin":
-                paths.add(op[3])
+            if isinstance(op, (Put, Del)):
+                paths.add(op.path)
+            elif isinstance(op, Begin):
+                paths.add(op.src)
         pos = nxt
     return DamagedRegion(offset, stop - offset, records, counted, problem, sorted(paths))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from encfs.entry_copy import Damaged
 from encfs.errors import Corruption
-from encfs.filedict import FileInfo, SalvageReport
+from encfs.filedict import FileInfo, Put, SalvageReport
 from encfs.masterkey import MasterKeySource
 from encfs.vault import INIT_DIR, META_DIR, RecoveryReport, Vault
 
@@ -99,7 +99,7 @@ def check(backing: str | os.PathLike[str], source: MasterKeySource, repair: bool
         report.recovery = vault.recovery
         report.copies_enabled = vault.copies.enabled
         stale = set(vault.recovery.stale)
-        entries = {p: i for p, i in vault.files.entries.items() if p not in stale}
+        entries = {p: i for p, i in vault.files.items() if p not in stale}
         puts: list[tuple[bytes, FileInfo]] = []
         for rel in walk_files(os.fsencode(vault.root)):
             info = _check_file(vault, report, rel, entries.get(rel))
@@ -113,7 +113,7 @@ def check(backing: str | os.PathLike[str], source: MasterKeySource, repair: bool
                 report.missing_keys[info.key_id] = report.missing_keys.get(info.key_id, 0) + 1
         if repair:
             for i in range(0, len(puts), _RECORD_OPS):
-                vault.files.append([("put", p, info) for p, info in puts[i:i + _RECORD_OPS]])
+                vault.files.append([Put(p, info) for p, info in puts[i:i + _RECORD_OPS]])
     finally:
         vault.close()
     return report

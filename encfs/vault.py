@@ -47,9 +47,13 @@ from encfs.failpoints import failpoint
 from encfs.filedict import (
     RULE_SRC_GONE,
     RULE_SRC_REPLACED,
+    Abort,
+    Commit,
+    Del,
     FileDictionary,
     FileInfo,
     Op,
+    Put,
 )
 from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, fsync_dir, write_all
 from encfs.keystore import KeyStore
@@ -274,7 +278,7 @@ class Vault:
         """Make every dictionary record written so far durable (call before fsyncing
         a backing file: in "ordered" mode nothing else syncs the log). Renames still
         waiting for their COMMIT are settled first."""
-        if self.files.applied:
+        if self.files.applied_count():
             self.flush_deletes()
         self.files.sync()
 
@@ -283,7 +287,7 @@ class Vault:
         if self._lock_fd < 0:
             return
         try:
-            if self.files.deferred or self.files.applied:
+            if self.files.deferred_count() or self.files.applied_count():
                 self.flush_deletes()
             self.files.close()
         finally:
@@ -301,32 +305,34 @@ class Vault:
         """Resolve pending intents by the tree, then drop stale entries."""
         report = self.recovery
         report.dropped_tail = self.files.dropped_tail
+        pending = self.files.pending_intents()
         resolutions: list[Op] = []
-        for p in list(self.files.pending.values()):
+        for p in pending:
             if p.happened(self.tree.lstat):
-                resolutions.append(("commit", p.txid))
+                resolutions.append(Commit(p.txid))
                 report.committed.append(p.src)
             else:
-                resolutions.append(("abort", p.txid))
+                resolutions.append(Abort(p.txid))
                 report.aborted.append(p.src)
         if write and resolutions:
             self.files.append(resolutions, sync=False)
         if not write:
             # what the entries would be once the intents are resolved
-            entries = dict(self.files.entries)
-            for op, p in zip(resolutions, list(self.files.pending.values()), strict=True):
-                if op[0] == "commit":
+            entries = dict(self.files.items())
+            for op, p in zip(resolutions, pending, strict=True):
+                if isinstance(op, Commit):
                     for o in p.ops:
-                        if o[0] == "put":
-                            entries[o[1]] = o[2]
-                        else:
-                            entries.pop(o[1], None)
+                        if isinstance(o, Put):
+                            entries[o.path] = o.info
+                        elif isinstance(o, Del):
+                            entries.pop(o.path, None)
+            paths = list(entries)
         else:
-            entries = self.files.entries
-        report.stale = sorted(p for p in list(entries) if not self._is_regular(p))
+            paths = self.files.paths()
+        report.stale = sorted(p for p in paths if not self._is_regular(p))
         if write:
             for i in range(0, len(report.stale), _STALE_PER_RECORD):
-                self.files.append([("del", p) for p in report.stale[i : i + _STALE_PER_RECORD]],
+                self.files.append([Del(p) for p in report.stale[i : i + _STALE_PER_RECORD]],
                                   sync=False)
             self.files.sync()
 
@@ -350,7 +356,7 @@ class Vault:
         """The cipher of ``rel``; PLAINTEXT when it has no entry. No I/O."""
         if self._busy:
             self._wait_not_busy(rel)
-        info = self.files.entries.get(rel)
+        info = self.files.get(rel)
         if info is None:
             return PLAINTEXT
         return self._cipher(info)
@@ -361,7 +367,7 @@ class Vault:
         (create, truncation to zero) leaves an empty file whose copy is missing or
         stale, and data must never be written under an entry its copy contradicts."""
         if self.copies.enabled:
-            self.copies.agree(fd, self.files.entries.get(rel))
+            self.copies.agree(fd, self.files.get(rel))
 
     def _touches_busy(self, rel: bytes) -> bool:
         if rel in self._busy:
@@ -397,14 +403,14 @@ class Vault:
 
     def _drop_if_stale(self, rel: bytes) -> None:
         """An operation met ``rel``'s entry but not its file: the entry is stale."""
-        if rel in self.files.entries and not self._is_regular(rel):
+        if self.files.has_entry(rel) and not self._is_regular(rel):
             self._settle_renames_at(rel)
-            self.files.append([("del", rel)], sync=False)
+            self.files.append([Del(rel)], sync=False)
 
     def _settle_renames_at(self, *paths: bytes) -> None:
         """Before a record touches ``paths``, commit the renames that hold them (see
         rename): the log must never reorder two operations on one name."""
-        if self.files.applied and self.files.touches_applied(paths):
+        if self.files.applied_count() and self.files.touches_applied(paths):
             self.flush_deletes()
 
     def _new_info(self) -> FileInfo:
@@ -438,19 +444,19 @@ class Vault:
             return tree.open(rel, flags | os.O_CREAT, mode), PLAINTEXT
         info = self._new_info()
         self._settle_renames_at(rel)
-        previous = self.files.entries.get(rel)
+        previous = self.files.get(rel)
         self._settle(rel)
-        self.files.append([("put", rel, info)], sync=self._strict)
+        self.files.append([Put(rel, info)], sync=self._strict)
         failpoint("create.after-new")
         try:
             fd = tree.open(rel, flags | os.O_CREAT | os.O_EXCL, mode)
         except FileExistsError:
             # created behind the vault's back since the lstat: give it its entry back
-            undo: Op = ("put", rel, previous) if previous is not None else ("del", rel)
+            undo: Op = Put(rel, previous) if previous is not None else Del(rel)
             self.files.append([undo])
             raise
         except BaseException:
-            self.files.append([("del", rel)], sync=False)  # the entry would be stale
+            self.files.append([Del(rel)], sync=False)  # the entry would be stale
             raise
         self.copies.write(fd, info)
         return fd, self._cipher(info)
@@ -465,36 +471,36 @@ class Vault:
             self._drop_if_stale(rel)
             raise
         failpoint("unlink.after-unlink")
-        if rel in self.files.entries:
+        if self.files.has_entry(rel):
             # a DEL that reached the disk before the unlink would leave ciphertext
             # without its entry after a power cut, and a directory fsync per unlink
             # is costly: the DEL waits until the unlink is known durable
             self.files.defer_delete(rel)
-            if len(self.files.deferred) >= DEFERRED_DELETES_MAX:
+            if self.files.deferred_count() >= DEFERRED_DELETES_MAX:
                 self.flush_deletes()
 
     def flush_deletes(self) -> None:
         """Make the deferred unlinks and the renames waiting for their COMMIT durable
         (one fsync per directory), then write their DELs and COMMITs in one record."""
-        paths = list(self.files.deferred)
+        paths = self.files.deferred_paths()
         txids, renamed = self.files.applied_intents()
         if self._strict:
             for d in {_parent(p) for p in (*paths, *renamed)}:
                 self._fsync_nearest_dir(d)
         failpoint("deletes.after-fsync")
-        self.files.append_deferred(paths, extra=[("commit", txid) for txid in txids])
+        self.files.append_deferred(paths, extra=[Commit(txid) for txid in txids])
 
     def _settle(self, rel: bytes) -> None:
         """Before a file may appear at ``rel`` again, make its deferred unlink durable."""
-        if self._strict and rel in self.files.deferred:
+        if self._strict and self.files.is_deferred(rel):
             self._fsync_nearest_dir(_parent(rel))
 
     def _clear_name(self, rel: bytes) -> None:
         """Before a file without an entry (plaintext) appears at ``rel``, make sure no
         entry, stale or deferred, can apply to it, even after a power cut."""
-        if rel in self.files.entries or rel in self.files.deferred:
+        if self.files.has_entry(rel) or self.files.is_deferred(rel):
             self._settle(rel)
-            self.files.append([("del", rel)], sync=self._strict)
+            self.files.append([Del(rel)], sync=self._strict)
 
     def _fsync_nearest_dir(self, rel_dir: bytes) -> None:
         """fsync ``rel_dir``, or if it is gone, the nearest ancestor still there
@@ -514,7 +520,7 @@ class Vault:
         _check_rel(dst)
         self._settle_renames_at(src, dst)
         tree = self.tree
-        info = self.files.entries.get(src)
+        info = self.files.get(src)
         if info is not None and not self._is_regular(src):
             self._drop_if_stale(src)  # then fail (or link a non-file) as link(2) would
             info = None
@@ -526,12 +532,12 @@ class Vault:
         if tree.lexists(dst):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst))
         self._settle(dst)
-        self.files.append([("put", dst, info)], sync=self._strict)
+        self.files.append([Put(dst, info)], sync=self._strict)
         failpoint("link.after-new")
         try:
             tree.link(src, dst)
         except BaseException:
-            self.files.append([("del", dst)], sync=False)
+            self.files.append([Del(dst)], sync=False)
             raise
 
     def truncate_to_zero(self, rel: bytes, fd: int | None = None) -> FileCipher:
@@ -554,16 +560,16 @@ class Vault:
                     os.fsync(fd)  # the new IV must never be durable while old bytes are
                 nlink = os.fstat(fd).st_nlink
                 failpoint("truncate.after-truncate")
-                info = self.files.entries.get(rel)
+                info = self.files.get(rel)
                 if nlink > 1:
                     return PLAINTEXT if info is None else self._cipher(info)
                 if self.method == "plaintext":
                     if info is not None:
-                        self.files.append([("del", rel)], sync=self._strict)
+                        self.files.append([Del(rel)], sync=self._strict)
                         self.copies.write(fd, None)
                     return PLAINTEXT
                 new = self._new_info()
-                self.files.append([("put", rel, new)], sync=self._strict)
+                self.files.append([Put(rel, new)], sync=self._strict)
                 self.copies.write(fd, new)
                 return self._cipher(new)
             finally:
@@ -601,7 +607,7 @@ class Vault:
         src_is_dir = stat.S_ISDIR(st_src.st_mode)
         dst_is_dir = st_dst is not None and stat.S_ISDIR(st_dst.st_mode)
         if src_is_dir or dst_is_dir:
-            if self.files.applied:
+            if self.files.applied_count():
                 self.flush_deletes()  # a subtree may hold any of their paths
         else:
             self._settle_renames_at(src, dst)
@@ -624,7 +630,7 @@ class Vault:
             try:
                 tree.rename(src, dst, flags)
             except BaseException:
-                self.files.append([("abort", txid)], sync=False)
+                self.files.append([Abort(txid)], sync=False)
                 raise
             failpoint("rename.after-rename")
             if self._strict and not (src_is_dir or dst_is_dir):
@@ -644,20 +650,20 @@ class Vault:
                         tree.fsync_dir(d)
                 # not synced: until a later sync carries it, a crash leaves the intent,
                 # which recovery resolves by the tree to the same answer
-                self.files.append_deferred(settled, extra=[("commit", txid)])
+                self.files.append_deferred(settled, extra=[Commit(txid)])
         failpoint("rename.after-commit")
-        if len(self.files.applied) >= UNSETTLED_RENAMES_MAX:
+        if self.files.applied_count() >= UNSETTLED_RENAMES_MAX:
             self.flush_deletes()
 
     def _rename_ops(self, src: bytes, src_is_dir: bool, dst: bytes, dst_is_dir: bool,
                     exchange: bool) -> list[Op]:
         """The dictionary's after-state of a rename, as DELs then PUTs."""
-        entries = self.files.entries
+        files = self.files
 
         def subtree(top: bytes, is_dir: bool) -> dict[bytes, FileInfo]:
             found = {}
-            for p in [top, *self.files.paths_under(top)] if is_dir else [top]:
-                info = entries.get(p)
+            for p in [top, *files.paths_under(top)] if is_dir else [top]:
+                info = files.get(p)
                 if info is not None:
                     found[p] = info
             return found
@@ -667,16 +673,13 @@ class Vault:
         # otherwise apply to the files arriving there
         b = subtree(dst, dst_is_dir or src_is_dir)
         # names whose DEL is deferred: their entries are still in the log
-        ghosts = {*self.files.deferred_at_or_under(src), *self.files.deferred_at_or_under(dst)}
+        ghosts = {*files.deferred_at_or_under(src), *files.deferred_at_or_under(dst)}
+        dels: list[Op] = [Del(p) for p in sorted({*a, *b, *ghosts})]
+        puts: list[Op] = [Put(dst + p[len(src):], i) for p, i in a.items()]
         if exchange:
-            dels: list[Op] = [("del", p) for p in sorted({*a, *b, *ghosts})]
-            puts: list[Op] = [("put", dst + p[len(src):], i) for p, i in a.items()]
-            puts += [("put", src + p[len(dst):], i) for p, i in b.items()]
-            return dels + puts
-        # dst (a replaced file, an empty directory, or nothing) loses all its entries;
-        # when dst does not exist those entries are stale anyway
-        dels = [("del", p) for p in sorted({*a, *b, *ghosts})]
-        puts = [("put", dst + p[len(src):], i) for p, i in a.items()]
+            puts += [Put(src + p[len(dst):], i) for p, i in b.items()]
+        # otherwise dst (a replaced file, an empty directory, or nothing) loses all its
+        # entries; when dst does not exist those entries are stale anyway
         return dels + puts
 
     # ``Vault.create(backing, source)`` makes a vault; ``vault.create(rel, flags, mode)``
@@ -701,6 +704,6 @@ class Vault:
 
     def retire_unused_keys(self) -> list[int]:
         """Drop data keys that no entry or pending intent uses (never the active one)."""
-        if self.files.deferred:
+        if self.files.deferred_count():
             self.flush_deletes()  # deleted files' entries are still in the log until then
         return self.keys.retire(list(self.keys.keys), self.files.referenced_keys())

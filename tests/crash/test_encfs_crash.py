@@ -99,7 +99,7 @@ def _check_recovered(backing: Path, source: MasterKeySource, before: dict, after
         assert state in (before, after), (
             f"tree is neither the before nor the after state:\n{sorted(state)}\n"
             f"before={sorted(before)}\nafter={sorted(after)}")
-        assert not vault.files.pending
+        assert not vault.files.pending_intents()
         for rel in vault.files.entries:
             assert (backing / os.fsdecode(rel)).is_file(), f"stale entry {rel!r} survived recovery"
         for rel, data in state.items():

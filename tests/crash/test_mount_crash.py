@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from encfs.failpoints import FAILPOINTS
+from encfs.filedict import Del, Put
 from encfs.masterkey import MasterKeySource
 from encfs.vault import Vault
 
@@ -201,12 +202,12 @@ def fill_dictionary_log(v: fx.VaultPaths) -> None:
     vault = open_vault(v)
     try:
         files = vault.files
-        info = next(iter(files.entries.values()))
+        _, info = files.items()[0]
         while files.records + 2 <= files.rewrite_min_records:
-            files.append([("put", b"churn", info)], sync=False)
-            files.append([("del", b"churn")], sync=False)
+            files.append([Put(b"churn", info)], sync=False)
+            files.append([Del(b"churn")], sync=False)
         if files.records < files.rewrite_min_records:
-            files.append([("del", b"churn")], sync=False)   # ends with no stale entry
+            files.append([Del(b"churn")], sync=False)   # ends with no stale entry
         files.sync()
         assert files.rewrites == 0 and files.records == files.rewrite_min_records
     finally:
@@ -269,7 +270,7 @@ def dictionary_problems(v: fx.VaultPaths) -> list[str]:
     vault = open_vault(v, mode="check")
     try:
         files = vault.files
-        entries, pending, torn = set(files.entries), list(files.pending.values()), files.dropped_tail
+        entries, pending, torn = set(files.paths()), files.pending_intents(), files.dropped_tail
     finally:
         vault.close()
     on_disk = set()

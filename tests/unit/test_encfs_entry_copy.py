@@ -8,7 +8,7 @@ import random
 import pytest
 
 from encfs import content, entry_copy, fsck
-from encfs.filedict import FileInfo
+from encfs.filedict import Del, FileInfo
 from encfs.masterkey import MasterKeySource, generate_key_file
 from encfs.vault import META_DIR, Vault
 
@@ -137,7 +137,7 @@ def test_files_that_still_read_as_garbage_are_named_and_fail_fsck(backing, sourc
     # the entry and the copy of "lost" are both gone: nothing says how it is encrypted
     os.removexattr(backing / "lost", entry_copy.XATTR)
     with Vault.open(backing, source) as v:
-        v.files.append([("del", b"lost")])
+        v.files.append([Del(b"lost")])
     for repair in (False, True):
         report = fsck.check(backing, source, repair=repair)
         assert report.suspect == [b"lost"] and report.plaintext == [b"notes.txt"]

@@ -13,7 +13,18 @@ import pytest
 
 from encfs import filedict
 from encfs.errors import Corruption
-from encfs.filedict import HEADER_SIZE, RULE_SRC_GONE, FileDictionary, FileInfo
+from encfs.filedict import (
+    HEADER_SIZE,
+    RULE_SRC_GONE,
+    RULE_SRC_REPLACED,
+    Abort,
+    Begin,
+    Commit,
+    Del,
+    FileDictionary,
+    FileInfo,
+    Put,
+)
 
 MAC_KEY = bytes(range(32))
 
@@ -41,28 +52,49 @@ def record_offsets(path: Path) -> list[int]:
 
 def test_replay_multi_op_records_and_intents(tmp_path):
     d = new_log(tmp_path)
-    d.append([("put", b"a", info(1)), ("put", b"b", info(2))])
-    d.append([("del", b"a"), ("put", b"c/d", info(3))])
-    t1 = d.begin(RULE_SRC_GONE, b"b", 7, [("del", b"b"), ("put", b"x", info(2))])
-    t2 = d.begin(RULE_SRC_GONE, b"c/d", 8, [("del", b"c/d"), ("put", b"y", info(3))])
-    d.append([("commit", t1)])
-    t3 = d.begin(RULE_SRC_GONE, b"x", 9, [("del", b"x")])
-    d.append([("abort", t3)])
+    d.append([Put(b"a", info(1)), Put(b"b", info(2))])
+    d.append([Del(b"a"), Put(b"c/d", info(3))])
+    t1 = d.begin(RULE_SRC_GONE, b"b", 7, [Del(b"b"), Put(b"x", info(2))])
+    t2 = d.begin(RULE_SRC_GONE, b"c/d", 8, [Del(b"c/d"), Put(b"y", info(3))])
+    d.append([Commit(t1)])
+    t3 = d.begin(RULE_SRC_GONE, b"x", 9, [Del(b"x")])
+    d.append([Abort(t3)])
     assert d.entries == {b"x": info(2), b"c/d": info(3)}
-    assert list(d.pending) == [t2]
+    assert [p.txid for p in d.pending_intents()] == [t2]
     d.close()
     again = FileDictionary.open(d.path, MAC_KEY)
     assert again.entries == {b"x": info(2), b"c/d": info(3)}
-    assert list(again.pending) == [t2] and again.pending[t2].src == b"c/d"
-    assert again.begin(RULE_SRC_GONE, b"q", 1, [("del", b"q")]) > t3  # txids never reused
+    (p,) = again.pending_intents()
+    assert (p.txid, p.src) == (t2, b"c/d")
+    assert again.begin(RULE_SRC_GONE, b"q", 1, [Del(b"q")]) > t3  # txids never reused
     again.close()
+
+
+def test_operations_encode_to_the_documented_bytes_and_decode_back():
+    iv = bytes(range(16))
+    cases = [  # BEGIN first: only there may a record hold it
+        (Begin(5, RULE_SRC_REPLACED, b"s", 9),
+         b"\x03" + (5).to_bytes(8, "big") + b"\x02" + (9).to_bytes(8, "big") + b"\x00\x01s"),
+        (Put(b"a/b", FileInfo("aes-256-ctr", 7, iv)),
+         b"\x01\x00\x03a/b\x03\x00\x00\x00\x07" + iv),
+        (Del(b"a/b"), b"\x02\x00\x03a/b"),
+        (Commit(5), b"\x04" + (5).to_bytes(8, "big")),
+        (Abort(6), b"\x05" + (6).to_bytes(8, "big")),
+    ]
+    for op, raw in cases:
+        assert filedict.encode_ops([op]) == raw, op
+        assert filedict.decode_ops(raw) == [op]
+    ops = [op for op, _ in cases]
+    assert filedict.decode_ops(filedict.encode_ops(ops)) == ops
+    with pytest.raises(ValueError):
+        filedict.encode_ops([("put", b"a", info(1))])  # a tuple is not an operation
 
 
 def test_torn_last_record_is_dropped_at_every_byte(tmp_path):
     d = new_log(tmp_path)
     for i in range(5):
-        d.append([("put", f"f{i}".encode(), info(i))])
-    d.append([("put", b"last", info(9)), ("del", b"f0")])
+        d.append([Put(f"f{i}".encode(), info(i))])
+    d.append([Put(b"last", info(9)), Del(b"f0")])
     d.close()
     full = d.path.read_bytes()
     offsets = record_offsets(d.path)
@@ -77,7 +109,7 @@ def test_torn_last_record_is_dropped_at_every_byte(tmp_path):
         # the torn bytes are gone, so the next record chains onto the last good one
         assert d.path.stat().st_size == start
     reopened = FileDictionary.open(d.path, MAC_KEY)
-    reopened.append([("put", b"next", info(3))])
+    reopened.append([Put(b"next", info(3))])
     reopened.close()
     assert FileDictionary.open(d.path, MAC_KEY, read_only=True).entries[b"next"] == info(3)
 
@@ -85,7 +117,7 @@ def test_torn_last_record_is_dropped_at_every_byte(tmp_path):
 def _flipped_log(tmp_path: Path) -> tuple[FileDictionary, bytes, list[int]]:
     d = new_log(tmp_path)
     for i in range(8):
-        d.append([("put", f"f{i}".encode(), info(i))])
+        d.append([Put(f"f{i}".encode(), info(i))])
     d.close()
     return d, d.path.read_bytes(), record_offsets(d.path)
 
@@ -111,7 +143,7 @@ def _many_records(tmp_path: Path, key: bytes, n: int = 60) -> tuple[Path, bytes,
     FileDictionary.create(path, key)
     d = FileDictionary.open(path, key)
     for i in range(n):
-        d.append([("put", f"f{i}".encode(), info(i))], sync=False)
+        d.append([Put(f"f{i}".encode(), info(i))], sync=False)
     d.close()
     return path, path.read_bytes(), record_offsets(path)
 
@@ -213,22 +245,22 @@ def test_salvaged_log_reopens_without_salvage_and_appends_verify(tmp_path):
     FileDictionary.create(tmp_path / "files.dict", key)
     d = FileDictionary.open(tmp_path / "files.dict", key)
     for i in range(20):
-        d.append([("put", f"f{i}".encode(), info(i))], sync=False)
-    t = d.begin(RULE_SRC_GONE, b"f3", 7, [("del", b"f3"), ("put", b"g3", info(3))])
-    d.append([("put", b"last", info(5))])
+        d.append([Put(f"f{i}".encode(), info(i))], sync=False)
+    t = d.begin(RULE_SRC_GONE, b"f3", 7, [Del(b"f3"), Put(b"g3", info(3))])
+    d.append([Put(b"last", info(5))])
     d.close()
     full, off = d.path.read_bytes(), record_offsets(d.path)
     _damaged(d.path, full, (off[8] + 2, 0x01), (off[12] + 11, 0x08))
     s = FileDictionary.open(d.path, key, salvage=True)
     expected = {**_all_but(20, 8, 12), b"last": info(5)}
-    assert s.entries == expected and list(s.pending) == [t]
+    assert s.entries == expected and [p.txid for p in s.pending_intents()] == [t]
     assert s.generation == 2  # rewritten at once as a snapshot of what survived
-    s.append([("put", b"after", info(9))])
+    s.append([Put(b"after", info(9))])
     s.close()
     again = FileDictionary.open(d.path, key)
     assert again.salvage is None and again.entries == {**expected, b"after": info(9)}
-    again.append([("commit", t)])
-    again.append([("put", b"more", info(4))])
+    again.append([Commit(t)])
+    again.append([Put(b"more", info(4))])
     again.close()
     last = FileDictionary.open(d.path, key, read_only=True)
     assert last.entries[b"g3"] == info(3) and b"f3" not in last.entries
@@ -258,11 +290,11 @@ def test_swapped_records_break_the_chain(tmp_path):
 
 def test_rewrite_when_records_outgrow_live_entries(tmp_path):
     d = new_log(tmp_path, rewrite_min_records=20, rewrite_factor=2)
-    d.append([("put", b"keep", info(1))])
-    t = d.begin(RULE_SRC_GONE, b"keep", 5, [("del", b"keep"), ("put", b"moved", info(1))])
+    d.append([Put(b"keep", info(1))])
+    t = d.begin(RULE_SRC_GONE, b"keep", 5, [Del(b"keep"), Put(b"moved", info(1))])
     for i in range(40):
-        d.append([("put", b"tmp", info(i))])
-        d.append([("del", b"tmp")])
+        d.append([Put(b"tmp", info(i))])
+        d.append([Del(b"tmp")])
     assert d.rewrites >= 1
     assert d.records < 20
     size = d.path.stat().st_size
@@ -271,15 +303,15 @@ def test_rewrite_when_records_outgrow_live_entries(tmp_path):
     again = FileDictionary.open(d.path, MAC_KEY)
     assert again.entries == {b"keep": info(1)}
     assert again.generation > 1
-    assert t in again.pending  # a pending intent survives the snapshot
-    again.append([("commit", t)])
+    assert [p.txid for p in again.pending_intents()] == [t]  # a pending intent survives the snapshot
+    again.append([Commit(t)])
     assert again.entries == {b"moved": info(1)}
     again.close()
 
 
 def test_failed_write_leaves_no_partial_record(tmp_path, monkeypatch):
     d = new_log(tmp_path)
-    d.append([("put", b"a", info(1))])
+    d.append([Put(b"a", info(1))])
     real_write = os.write
 
     def short_then_fail(fd, data):
@@ -288,9 +320,9 @@ def test_failed_write_leaves_no_partial_record(tmp_path, monkeypatch):
 
     monkeypatch.setattr(filedict, "write_all", lambda fd, data: short_then_fail(fd, data))
     with pytest.raises(OSError):
-        d.append([("put", b"b", info(2))])
+        d.append([Put(b"b", info(2))])
     monkeypatch.undo()
-    d.append([("put", b"c", info(3))])
+    d.append([Put(b"c", info(3))])
     d.close()
     assert FileDictionary.open(d.path, MAC_KEY).entries == {b"a": info(1), b"c": info(3)}
 
@@ -311,7 +343,7 @@ def test_group_commit_shares_fsyncs(tmp_path, monkeypatch):
 
     def worker(t):
         for i in range(per_thread):
-            seq = d.append([("put", f"t{t}/{i}".encode(), info(i))])
+            seq = d.append([Put(f"t{t}/{i}".encode(), info(i))])
             durable_at_return.append(d._durable >= seq)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(threads_n)]
@@ -328,18 +360,18 @@ def test_group_commit_shares_fsyncs(tmp_path, monkeypatch):
 
 def test_a_failed_fdatasync_poisons_the_log_until_reopened(tmp_path, monkeypatch):
     d = new_log(tmp_path)
-    d.append([("put", b"a", info(1))])
+    d.append([Put(b"a", info(1))])
 
     def failing(fd):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "fdatasync", failing)
     with pytest.raises(OSError):
-        d.append([("put", b"b", info(2))])
+        d.append([Put(b"b", info(2))])
     monkeypatch.undo()
     # the kernel may have dropped the pages: a retry must not be believed
     with pytest.raises(OSError, match="earlier fdatasync failed"):
-        d.append([("put", b"c", info(3))])
+        d.append([Put(b"c", info(3))])
     with pytest.raises(OSError, match="earlier fdatasync failed"):
         d.sync()
     d.close()
@@ -365,11 +397,11 @@ def test_a_tail_of_zeros_is_a_torn_tail(tmp_path):
 def test_paths_below_a_directory_are_found_by_directory(tmp_path):
     d = new_log(tmp_path)
     names = [b"top", b"a/x", b"a/y", b"a/b/z", b"ab/w", b"c/a/v"]
-    d.append([("put", p, info(i)) for i, p in enumerate(names)])
+    d.append([Put(p, info(i)) for i, p in enumerate(names)])
     assert sorted(d.paths_under(b"a")) == [b"a/b/z", b"a/x", b"a/y"]
     assert d.paths_under(b"a/b") == [b"a/b/z"]
     assert sorted(d.paths_under(b"")) == sorted(names)
-    d.append([("del", b"a/b/z"), ("put", b"a/x", info(9))])
+    d.append([Del(b"a/b/z"), Put(b"a/x", info(9))])
     assert sorted(d.paths_under(b"a")) == [b"a/x", b"a/y"]
     assert d.paths_under(b"a/b") == []
     d.defer_delete(b"a/y")
@@ -378,7 +410,7 @@ def test_paths_below_a_directory_are_found_by_directory(tmp_path):
     assert d.deferred_at_or_under(b"a") == [b"a/y"]
     assert d.deferred_at_or_under(b"a/y") == [b"a/y"]
     assert sorted(d.deferred_in({b"a", b"ab"})) == [b"a/y", b"ab/w"]
-    d.append([("put", b"a/y", info(5))])  # made anew: no longer deferred
+    d.append([Put(b"a/y", info(5))])  # made anew: no longer deferred
     assert d.deferred_in({b"a"}) == [] and sorted(d.paths_under(b"a")) == [b"a/x", b"a/y"]
     # a reopened log rebuilds the same index from the records
     d.close()

@@ -14,6 +14,7 @@ import pytest
 
 import encfs.backing as backing_module
 import encfs.filedict as filedict_module
+from encfs.filedict import Del
 from encfs.fsops import RENAME_EXCHANGE
 from encfs.masterkey import MasterKeySource, generate_key_file
 from encfs.vault import Vault
@@ -70,11 +71,11 @@ def test_unlink_defers_its_delete_record_until_the_unlink_is_durable(traced):
     vault.unlink(b"b")
     vault.unlink(b"d/x")
     assert log == ["unlink", "unlink", "unlink"]
-    assert set(vault.files.deferred) == {b"a", b"b", b"d/x"} and b"a" not in vault.files.entries
+    assert set(vault.files.deferred_paths()) == {b"a", b"b", b"d/x"} and not vault.files.has_entry(b"a")
     del log[:]
     vault.flush_deletes()  # one fsync per directory, then one record
     assert log == ["dir.fsync", "dir.fsync", "log.write"]
-    assert not vault.files.deferred
+    assert not vault.files.deferred_count()
 
 
 def test_a_name_deleted_then_made_again(traced):
@@ -89,7 +90,7 @@ def test_a_name_deleted_then_made_again(traced):
     del log[:]
     vault.link(b"plain", b"b")  # a plaintext file under a name whose entry is deferred
     assert log == ["dir.fsync", "log.write", "log.sync", "link"]
-    assert b"b" not in vault.files.entries and not vault.files.deferred
+    assert not vault.files.has_entry(b"b") and not vault.files.deferred_count()
 
 
 def test_a_directory_rename_carries_the_deletes_its_fsync_made_durable(traced):
@@ -100,7 +101,7 @@ def test_a_directory_rename_carries_the_deletes_its_fsync_made_durable(traced):
     vault.rename(b"d", b"g")
     # d/x's unlink made durable before the intent; a's by the fsync after the rename
     assert log == ["dir.fsync", "log.write", "log.sync", "rename", "dir.fsync", "log.write"]
-    assert not vault.files.deferred
+    assert not vault.files.deferred_count()
 
 
 def test_file_renames_commit_in_batches(traced):
@@ -111,12 +112,12 @@ def test_file_renames_commit_in_batches(traced):
     vault.rename(b"b", b"d/b2")
     # each intent durable before its rename; no directory fsync yet, no COMMIT
     assert log == ["log.write", "log.sync", "rename"] * 2
-    assert len(vault.files.applied) == 2 and not vault.files.pending
+    assert vault.files.applied_count() == 2 and not vault.files.pending_intents()
     assert vault.files.entries.keys() >= {b"a2", b"d/b2"}
     del log[:]
     vault.flush_deletes()  # one fsync per directory, then the DELs and COMMITs together
     assert log == ["dir.fsync", "dir.fsync", "log.write"]
-    assert not vault.files.applied and not vault.files.deferred
+    assert not vault.files.applied_count() and not vault.files.deferred_count()
 
 
 def test_a_name_held_by_an_uncommitted_rename_is_committed_before_it_is_touched(traced):
@@ -130,13 +131,13 @@ def test_a_name_held_by_an_uncommitted_rename_is_committed_before_it_is_touched(
     ]
     for (src, dst), touch in steps:
         vault.rename(src, dst)
-        assert vault.files.applied
+        assert vault.files.applied_count()
         del log[:]
         touch()
         assert log[:2] == ["dir.fsync", "log.write"], (src, dst, log)  # the COMMIT first
     vault.rename(b"b", b"u")
     with pytest.raises(RuntimeError):  # and the log itself refuses a record out of order
-        vault.files.append([("del", b"u")])
+        vault.files.append([Del(b"u")])
 
 
 def test_a_directory_rename_commits_waiting_file_renames_first(traced):
@@ -154,7 +155,7 @@ def test_sync_commits_waiting_renames(traced):
     del log[:]
     vault.sync()
     assert log == ["dir.fsync", "log.write", "log.sync"]
-    assert not vault.files.applied
+    assert not vault.files.applied_count()
 
 
 def test_a_directory_rename_settles_deletes_inside_it_first(traced):
@@ -163,7 +164,7 @@ def test_a_directory_rename_settles_deletes_inside_it_first(traced):
     del log[:]
     vault.rename(b"d", b"e")
     assert log == ["dir.fsync", "log.write", "log.sync", "rename", "dir.fsync", "log.write"]
-    assert not vault.files.deferred
+    assert not vault.files.deferred_count()
 
 
 def test_link_entry_durable_before_the_link(traced):

@@ -13,7 +13,7 @@ import pytest
 from encfs import content
 from encfs.cipher import PLAINTEXT
 from encfs.errors import VaultError
-from encfs.filedict import RULE_SRC_GONE, FileInfo
+from encfs.filedict import RULE_SRC_GONE, Del, FileInfo, Put
 from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE
 from encfs.masterkey import MasterKeySource, generate_key_file
 from encfs.vault import META_DIR, Vault
@@ -99,7 +99,7 @@ def test_rename_over_existing_file(vault):
     vault.rename(b"CURRENT.tmp", b"CURRENT")
     assert get(vault, b"CURRENT") == b"MANIFEST-2"
     assert set(vault.files.entries) == {b"CURRENT"}
-    assert not vault.files.pending
+    assert not vault.files.pending_intents()
 
 
 def test_rename_directory_moves_every_entry_in_one_intent(vault):
@@ -163,7 +163,7 @@ def test_failed_rename_is_aborted(vault):
     with pytest.raises(OSError) as err:
         vault.rename(b"a", b"full")  # a file over a directory
     assert err.value.errno == errno.EISDIR
-    assert not vault.files.pending
+    assert not vault.files.pending_intents()
     assert get(vault, b"a") == b"A" and get(vault, b"full/f") == b"F"
 
 
@@ -215,7 +215,7 @@ def test_link_of_plaintext_file(vault):
 def test_stale_entries_are_met_and_dropped(tmp_path, source, vault):
     put(vault, b"a", b"A")
     os.unlink(vault.root / "a")  # behind the vault's back: the entry is now stale
-    vault.files.append([("put", b"ghost", FileInfo("aes-256-ctr", 1, bytes(16)))])
+    vault.files.append([Put(b"ghost", FileInfo("aes-256-ctr", 1, bytes(16)))])
     with pytest.raises(FileNotFoundError):
         vault.link(b"a", b"b")
     assert b"a" not in vault.files.entries  # link met it and dropped it
@@ -244,18 +244,18 @@ def test_recovery_resolves_intents_by_the_tree(tmp_path, source, vault):
     # two intents as a crash would leave them: one rename happened, one did not
     ino = {n: os.lstat(vault.root / n).st_ino for n in ("src1", "src2", "dst2")}
     vault.files.begin(RULE_SRC_GONE, b"src1", ino["src1"],
-                      [("del", b"src1"), ("del", b"dst1"), ("put", b"dst1", e[b"src1"])])
+                      [Del(b"src1"), Del(b"dst1"), Put(b"dst1", e[b"src1"])])
     vault.files.begin(RULE_SRC_GONE, b"src2", ino["src2"],
-                      [("del", b"src2"), ("del", b"dst2"), ("put", b"dst2", e[b"src2"])])
-    vault.files.begin(RULE_SRC_GONE, b"src3", 12345, [("del", b"nothing")])
+                      [Del(b"src2"), Del(b"dst2"), Put(b"dst2", e[b"src2"])])
+    vault.files.begin(RULE_SRC_GONE, b"src3", 12345, [Del(b"nothing")])
     os.rename(vault.root / "src1", vault.root / "dst1")
     os.mkdir(vault.root / "src1")  # a name made anew after the rename: still happened
     vault.close()
     with Vault.open(tmp_path / "vault", source, mode="check") as v:
         assert v.recovery.committed == [b"src1", b"src3"] and v.recovery.aborted == [b"src2"]
-        assert v.files.pending  # check mode writes nothing
+        assert v.files.pending_intents()  # check mode writes nothing
     with Vault.open(tmp_path / "vault", source) as v:
-        assert not v.files.pending
+        assert not v.files.pending_intents()
         assert get(v, b"dst1") == b"S1"
         assert get(v, b"src2") == b"S2" and get(v, b"dst2") == b"D2"
 
@@ -409,8 +409,8 @@ def test_deferred_deletes_are_flushed_at_the_limit_and_on_close(tmp_path, source
         put(vault, b"f%d" % i, b"x")
     for i in range(12):
         vault.unlink(b"f%d" % i)
-        assert len(vault.files.deferred) < 5
-    assert vault.files.deferred
+        assert vault.files.deferred_count() < 5
+    assert vault.files.deferred_count()
     vault.close()
     with Vault.open(tmp_path / "vault", source) as v:
         assert not v.files.entries and not v.recovery.stale  # every DEL was written
