@@ -162,6 +162,39 @@ class MasterKeySource:
             assert self.path is not None
             read_key_file(self.path)
 
+    def to_message(self) -> dict[str, str]:
+        """This key as the fields of a control message, for a running daemon that re-seals
+        its vault with it: a key file's absolute path and its hex content (the daemon
+        reads the file itself and refuses it if that differs), or the passphrase
+        (bytes that are not UTF-8 travel as surrogate escapes)."""
+        if self.kind == "key-file":
+            assert self.path is not None
+            return {"kind": "key-file", "path": os.path.abspath(self.path),
+                    "key": read_key_file(self.path).hex()}
+        if self.kind == "passphrase":
+            return {"kind": "passphrase", "passphrase": os.fsdecode(self._secret)}
+        raise TdefsError("the plaintext test key cannot be sent to a daemon")
+
+    @classmethod
+    def from_message(cls, fields: dict[str, Any]) -> MasterKeySource:
+        """The source that to_message() described. VaultError when the key file no longer
+        holds the key that was sent (it changed in between)."""
+        kind = fields.get("kind")
+        if kind == "key-file":
+            path, key = fields.get("path"), fields.get("key")
+            if not (isinstance(path, str) and os.path.isabs(path) and isinstance(key, str)):
+                raise TdefsError("a new key file is sent as its absolute path and its hex key")
+            if not secrets.compare_digest(read_key_file(path).hex(), key.lower()):
+                raise VaultError(f"key file {path} changed after it was read: nothing changed"
+                                 " (run the command again)")
+            return cls.key_file(path)
+        if kind == "passphrase":
+            secret = fields.get("passphrase")
+            if not isinstance(secret, str):
+                raise TdefsError("a new passphrase is sent as a string")
+            return cls.passphrase(os.fsencode(secret))
+        raise TdefsError(f"unknown kind of master key {kind!r} (key-file or passphrase)")
+
     def new_header(self) -> dict[str, Any]:
         """The backend part of a new keys.dict header (no secrets)."""
         header: dict[str, Any] = {"backend": self.kind}
@@ -196,10 +229,12 @@ class MasterKeySource:
                               maxmem=256 * n * r + (1 << 20), dklen=MASTER_KEY_SIZE)
 
 
-def add_key_options(parser: argparse.ArgumentParser) -> None:
-    """The mutually exclusive master key options every vault command takes."""
-    group = parser.add_argument_group("master key (exactly one)")
-    ex = group.add_mutually_exclusive_group(required=True)
+def add_key_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The mutually exclusive master key options every vault command takes (optional
+    for commands that may instead reach a running mount, whose daemon holds the key)."""
+    group = parser.add_argument_group("master key (exactly one)" if required else
+                                      "master key (one; not needed on a running mount)")
+    ex = group.add_mutually_exclusive_group(required=required)
     ex.add_argument("--key-file", metavar="F", help="file holding the 32-byte key as hex (mode 0600)")
     ex.add_argument("--passphrase-file", metavar="F", help="read the passphrase from file F")
     ex.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase from variable VAR")
@@ -209,9 +244,9 @@ def add_key_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_new_key_options(parser: argparse.ArgumentParser) -> None:
-    """Options naming a new master key (master key rotation); none is required here."""
-    group = parser.add_argument_group("new master key (for rekey)")
-    ex = group.add_mutually_exclusive_group()
+    """Options naming a new master key (master key rotation); exactly one is required."""
+    group = parser.add_argument_group("new master key (exactly one)")
+    ex = group.add_mutually_exclusive_group(required=True)
     ex.add_argument("--new-key-file", metavar="F", help="the new key file (see --generate-key)")
     ex.add_argument("--new-passphrase-file", metavar="F", help="read the new passphrase from F")
     ex.add_argument("--new-passphrase-env", metavar="VAR", help="read the new passphrase from VAR")
@@ -227,8 +262,8 @@ def new_source_from_args(args: argparse.Namespace) -> MasterKeySource:
         passphrase=getattr(args, "new_passphrase", False),
     )
     if not (renamed.key_file or renamed.passphrase_file or renamed.passphrase_env or renamed.passphrase):
-        raise TdefsError("rekey needs the new master key: --new-key-file, --new-passphrase-file,"
-                         " --new-passphrase-env or --new-passphrase")
+        raise TdefsError("master-key rotate needs the new master key: --new-key-file,"
+                         " --new-passphrase-file, --new-passphrase-env or --new-passphrase")
     return source_from_args(renamed, confirm=True)
 
 

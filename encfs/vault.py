@@ -688,6 +688,24 @@ class Vault:
 
     # -- keys ----------------------------------------------------------------------
 
+    def key_usage(self) -> list[dict[str, Any]]:
+        """Each data key (id, method, created, active), how many files use it and their
+        total size in bytes (a hard-linked file once). Stats every file: on a mount,
+        run it in a worker thread."""
+        sizes: dict[int, int] = {}
+        seen: set[tuple[int, int]] = set()
+        for rel, info in self.files.items():  # a snapshot: a mount changes them meanwhile
+            try:
+                st = self.tree.lstat(rel)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # a stale entry: its file is gone
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            sizes[info.key_id] = sizes.get(info.key_id, 0) + st.st_size
+        return [{"id": k.id, "method": k.method, "created": k.created, "active": k.active,
+                 "files": k.files, "bytes": sizes.get(k.id, 0)} for k in self.keys.list()]
+
     def rotation_due(self, now: float | None = None) -> bool:
         """Is the active data key older than the vault's rotation period?"""
         days = float(self.options.get("rotation_period_days", 0) or 0)

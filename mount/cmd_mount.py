@@ -1,16 +1,17 @@
-"""`tdefs mount`, `tdefs umount`, `tdefs status` and `tdefs mount-keys`: the commands
-that act on a mount (the offline vault commands live in mount/cmd_vault.py)."""
+"""`tdefs mount`, `tdefs umount` and `tdefs status`: the commands that act on a mount
+(the vault commands, `keys` and `master-key` among them, live in mount/cmd_vault.py)."""
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from encfs.masterkey import add_key_options, source_from_args
 from mount import control
+from mount.cmd_vault import print_keys, utc
 
 
 def register(sub: Any) -> None:
@@ -31,6 +32,10 @@ def register(sub: Any) -> None:
                              "security.capability request before every write(2)")
     xattrs.add_argument("--no-xattrs", dest="xattrs", action="store_false",
                         help="no extended attributes (ENOTSUP), the default")
+    p.add_argument("--rotation-period", type=_days, metavar="DAYS",
+                   help="make a new active data key whenever the active one is older than"
+                        " DAYS (a fraction is fine; 0: never; default: the vault's"
+                        " rotation_period_days, 7)")
     p.set_defaults(func=_mount)
 
     p = sub.add_parser("umount", help="flush and unmount (also cleans up after a dead daemon)")
@@ -41,12 +46,29 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("status", help="show the state of a running mount")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("mount-keys", help="list or rotate the data keys of a running mount")
-    p.add_argument("action", choices=("list", "rotate"))
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    p.set_defaults(func=_mount_keys)
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not 0 <= days < float("inf"):
+        raise argparse.ArgumentTypeError(f"the period must be 0 (off) or more days: {text!r}")
+    return days
+
+
+def ask_daemon(mountpoint: Path, cmd: str, **fields: Any) -> dict[str, Any]:
+    """One control command to the daemon of the mount at `mountpoint`, which is mounted."""
+    from mount.daemon import MountError
+
+    try:
+        return control.request(mountpoint, cmd, **fields)
+    except control.NoDaemon:
+        raise MountError(f"{mountpoint} is mounted but its daemon is gone "
+                         f"(run: tdefs umount {mountpoint})") from None
 
 
 def _mount(args: argparse.Namespace) -> int:
@@ -57,7 +79,7 @@ def _mount(args: argparse.Namespace) -> int:
                        source=source_from_args(args), foreground=args.foreground,
                        allow_other=args.allow_other, log_file=args.log,
                        writeback_cache=not args.no_writeback_cache,
-                       xattrs=args.xattrs)
+                       xattrs=args.xattrs, rotation_period_days=args.rotation_period)
     return mount(req)
 
 
@@ -85,14 +107,20 @@ def _status(args: argparse.Namespace) -> int:
     entry = mount_entry(args.mountpoint)
     if entry is None:
         raise MountError(f"{args.mountpoint} is not mounted")
-    try:
-        reply = control.request(args.mountpoint, "status")
-    except control.NoDaemon:
-        raise MountError(f"{args.mountpoint} is mounted but its daemon is gone "
-                         f"(run: tdefs umount {args.mountpoint})") from None
+    # "keys": the files and bytes per key, which costs a stat of every file
+    reply = ask_daemon(args.mountpoint, "status", keys=True)
+    if args.json:
+        reply.pop("ok", None)
+        print(json.dumps(reply, indent=2))
+        return 0
+    active = reply["active_key"]
     rows = [("mountpoint", reply["mountpoint"]), ("vault", reply["backing"]),
             ("pid", reply["pid"]), ("uptime", f"{reply['uptime_s']:.0f} s"),
-            ("cipher", reply["method"]), ("open files", reply["open_files"]),
+            ("cipher", reply["method"]),
+            ("active key", f"{active['id']} ({active['method']}, created {utc(active['created'])}"
+                           " UTC)"),
+            *_rotation_rows(reply["rotation"]),
+            ("open files", reply["open_files"]),
             ("known inodes", reply["inodes"]),
             ("memory", f"{reply['rss_bytes'] / 2**20:.1f} MiB resident"),
             ("writeback cache", "on" if reply["writeback_cache"] else "off"),
@@ -104,18 +132,26 @@ def _status(args: argparse.Namespace) -> int:
                                " the log)" if reply["write_failures"] else "none")]
     for name, value in rows:
         print(f"{name + ':':<16}{value}")
+    print()
+    print_keys(reply["keys"])
     return 0
 
 
-def _mount_keys(args: argparse.Namespace) -> int:
-    if args.action == "rotate":
-        reply = control.request(args.mountpoint, "keys.rotate")
-        print(f"new active key: {reply['key_id']}")
-        return 0
-    reply = control.request(args.mountpoint, "keys.list")
-    print(f"{'id':>4}  {'method':<12} {'created (UTC)':<20} {'files':>7}  active")
-    for k in reply["keys"]:
-        created = datetime.datetime.fromtimestamp(k["created"], datetime.UTC)
-        print(f"{k['id']:>4}  {k['method']:<12} {created:%Y-%m-%d %H:%M:%S}  {k['files']:>7}"
-              f"  {'*' if k['active'] else ''}")
-    return 0
+def _rotation_rows(rotation: dict[str, Any]) -> list[tuple[str, str]]:
+    period = rotation["period_days"]
+    if not period:
+        rows = [("key rotation", "off (mount with --rotation-period DAYS to turn it on)")]
+    else:
+        rows = [("key rotation", f"every {period:g} days"),
+                ("next rotation", f"{utc(rotation['next_due'])} UTC")]
+    last = rotation["last_automatic"]
+    rows.append(("last automatic", "none since the mount" if last is None else
+                 f"{utc(last['time'])} UTC: key {last['old_key']} was"
+                 f" {_age(last['old_age_days'])} old, new active key {last['new_key']}"))
+    return rows
+
+
+def _age(days: float) -> str:
+    if days >= 1:
+        return f"{days:.1f} days"
+    return f"{days * 24:.1f} hours" if days >= 1 / 24 else f"{days * 86400:.0f} s"

@@ -1,10 +1,14 @@
-"""`tdefs init`, `tdefs fsck` and `tdefs keys list|rotate`: offline commands that act on
-a vault's backing directory directly (the vault must not be mounted meanwhile)."""
+"""`tdefs init` and `tdefs fsck`, offline commands on a vault's backing directory (the
+vault must not be mounted meanwhile), and `tdefs keys list|rotate` and `tdefs
+master-key rotate`, which take either a backing directory, opened offline with the
+master key options, or the mountpoint of a running mount, whose daemon does the work
+through its control socket (it holds the key, so no key options are needed there)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,6 +18,7 @@ from encfs.cipher import DEFAULT_METHOD, METHODS
 from encfs.errors import TdefsError
 from encfs.fsck import FsckReport, check, walk_files
 from encfs.masterkey import (
+    MasterKeySource,
     add_key_options,
     add_new_key_options,
     generate_key_file,
@@ -21,6 +26,8 @@ from encfs.masterkey import (
     source_from_args,
 )
 from encfs.vault import FILES_DICT, Vault
+
+_KEY_OPTIONS = ("key_file", "passphrase_file", "passphrase_env", "passphrase", "plaintext_key")
 
 
 def register(sub: Any) -> None:
@@ -45,19 +52,38 @@ def register(sub: Any) -> None:
                    help="remove stale entries, resolve crash leftovers, salvage a damaged files.dict")
     p.set_defaults(func=_fsck)
 
-    p = sub.add_parser("keys", help="list or rotate a vault's data keys, or change its master key"
-                                     " (offline)")
-    p.add_argument("action", choices=("list", "rotate", "rekey"),
-                   help="list data keys; rotate: new active data key; rekey: re-seal the data"
-                        " keys under a new master key")
-    p.add_argument("backing", type=Path, metavar="BACKING")
-    add_key_options(p)
-    add_new_key_options(p)
-    p.add_argument("--generate-key", action="store_true",
-                   help="rekey with --new-key-file: write a new random key file if it does not exist")
-    p.add_argument("--method", choices=[m for m in METHODS if m != "plaintext"],
-                   help="rotate: cipher of the new key (default: that of the active key)")
-    p.set_defaults(func=_keys)
+    p = sub.add_parser("keys", help="list or rotate the data keys of a vault or a running mount")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    a = actions.add_parser("list", help="the data keys, and how many files and bytes use each")
+    _add_path(a)
+    a.add_argument("--json", action="store_true", help="print the keys as a JSON list")
+    a.set_defaults(func=_keys_list)
+    a = actions.add_parser("rotate", help="make a new active data key (files using older keys"
+                                          " keep them until rewritten)")
+    _add_path(a)
+    a.add_argument("--method", choices=[m for m in METHODS if m != "plaintext"],
+                   help="cipher of the new key (default: that of the active key)")
+    a.set_defaults(func=_keys_rotate)
+
+    p = sub.add_parser("master-key", help="change the master key that seals a vault's data keys")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    a = actions.add_parser("rotate", help="re-seal the data keys under a new master key (one"
+                                          " atomic replace of keys.dict; the old key then opens"
+                                          " nothing)")
+    _add_path(a)
+    add_new_key_options(a)
+    a.add_argument("--generate-key", action="store_true",
+                   help="with --new-key-file: write a new random key file (mode 0600) if it does"
+                        " not exist")
+    a.set_defaults(func=_master_key_rotate)
+
+
+def _add_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, metavar="PATH",
+                   help="the mountpoint of a running mount, or a vault's backing directory")
+    add_key_options(p, required=False)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -170,31 +196,93 @@ def _fsck(args: argparse.Namespace) -> int:
     return 0 if report.clean_after else 1
 
 
-def _keys(args: argparse.Namespace) -> int:
-    # the current key first: passphrases read from stdin come in the order old, new
-    source = source_from_args(args)
-    new_source = None
-    if args.action == "rekey":
-        if args.generate_key and args.new_key_file and not os.path.lexists(args.new_key_file):
-            generate_key_file(args.new_key_file)
-            print(f"wrote a new master key to {args.new_key_file} (mode 0600)")
-        new_source = new_source_from_args(args)
-        new_source.check()
-    with Vault.open(args.backing, source) as vault:
-        if new_source is not None:
-            vault.keys.reseal(new_source)
-            old = ("the same passphrase still opens it (re-sealed with a new salt)"
-                   if vault.keys.opens_with(source) else "the old one no longer opens it")
-            print(f"vault {vault.root} is now sealed with the new master key ({new_source.kind});"
-                  f" {old}")
-            return 0
-        if args.action == "rotate":
+def _running_mount(path: Path) -> bool:
+    """Is `path` the mountpoint of a tdefs mount? (Anything else is a backing directory.)"""
+    from mount.daemon import FSTYPE, mount_entry
+
+    entry = mount_entry(path)
+    return entry is not None and entry[1] == FSTYPE
+
+
+def _ask_daemon(args: argparse.Namespace, cmd: str, **fields: Any) -> dict[str, Any]:
+    from mount.cmd_mount import ask_daemon
+
+    if any(getattr(args, name, None) for name in _KEY_OPTIONS):
+        print(f"tdefs: warning: {args.path} is a running mount, whose daemon holds the master"
+              " key: the master key options were not used", file=sys.stderr)
+    return ask_daemon(args.path, cmd, **fields)
+
+
+def _offline_source(args: argparse.Namespace, command: str) -> MasterKeySource:
+    if not any(getattr(args, name, None) for name in _KEY_OPTIONS):
+        raise TdefsError(f"{args.path} is not a running tdefs mount, so `tdefs {command}` opens it"
+                         " as a backing directory and needs its master key: --key-file,"
+                         " --passphrase-file, --passphrase-env or --passphrase")
+    return source_from_args(args)
+
+
+def utc(seconds: float) -> str:
+    """A unix time as the commands print it: `2025-01-31 12:00:00` (UTC)."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_keys(rows: list[dict[str, Any]], as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'ID':>4}  {'METHOD':<12} {'CREATED (UTC)':<20} {'ACTIVE':<6} {'FILES':>7}"
+          f" {'BYTES':>15}")
+    for k in rows:
+        print(f"{k['id']:>4}  {k['method']:<12} {utc(k['created']):<20}"
+              f" {'yes' if k['active'] else '':<6} {k['files']:>7} {k['bytes']:>15}")
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    if _running_mount(args.path):
+        rows = _ask_daemon(args, "keys.list")["keys"]
+    else:
+        with Vault.open(args.path, _offline_source(args, "keys list")) as vault:
+            rows = vault.key_usage()
+    print_keys(rows, as_json=args.json)
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    if _running_mount(args.path):
+        reply = _ask_daemon(args, "keys.rotate", method=args.method)
+        key_id, method = reply["key_id"], reply["method"]
+    else:
+        with Vault.open(args.path, _offline_source(args, "keys rotate")) as vault:
             key_id = vault.keys.rotate(args.method)
-            print(f"new active data key {key_id} ({vault.keys.active.method}); files using older keys"
-                  " keep them until rewritten")
-            return 0
-        print(f"{'ID':>4}  {'METHOD':<12} {'CREATED (UTC)':<20} {'ACTIVE':<6} {'FILES':>7}")
-        for k in vault.keys.list():
-            created = datetime.datetime.fromtimestamp(k.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{k.id:>4}  {k.method:<12} {created:<20} {'yes' if k.active else '':<6} {k.files:>7}")
+            method = vault.keys.active.method
+    print(f"new active data key {key_id} ({method}); files using older keys keep them until"
+          " rewritten")
+    return 0
+
+
+def _master_key_rotate(args: argparse.Namespace) -> int:
+    online = _running_mount(args.path)
+    # the current key first: passphrases read from stdin come in the order old, new
+    source = None if online else _offline_source(args, "master-key rotate")
+    if args.generate_key:
+        if not args.new_key_file:
+            raise TdefsError("--generate-key needs --new-key-file")
+        if not os.path.lexists(args.new_key_file):
+            generate_key_file(args.new_key_file)
+            print(f"wrote a new master key to {args.new_key_file} (mode 0600); keep a copy"
+                  " somewhere safe")
+    new_source = new_source_from_args(args)
+    new_source.check()
+    if online:
+        reply = _ask_daemon(args, "master_key.rotate", carries_secret=True,
+                            **new_source.to_message())
+        vault, old_opens = reply["backing"], reply["old_opens"]
+    else:
+        assert source is not None
+        with Vault.open(args.path, source) as opened:
+            opened.keys.reseal(new_source)
+            vault, old_opens = str(opened.root), opened.keys.opens_with(source)
+    old = ("the same passphrase still opens it (re-sealed with a new salt)" if old_opens
+           else "the old one no longer opens it")
+    print(f"vault {vault} is now sealed with the new master key ({new_source.kind}); {old}")
     return 0

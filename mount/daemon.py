@@ -28,6 +28,7 @@ import psutil
 import pyfuse3
 import trio
 
+from encfs.cipher import METHODS
 from encfs.errors import TdefsError
 from encfs.fsops import syncfs
 from encfs.masterkey import MasterKeySource
@@ -45,6 +46,10 @@ FSTYPE = "fuse.tdefs"
 READY = b"ready\n"
 UNMOUNT_WAIT_S = 30.0
 READAHEAD_KIB = 512
+# the rotation task sleeps until the next rotation is due, but never longer than this
+# at once, so a change of the wall clock is noticed
+ROTATION_SLEEP_MAX_S = 3600.0
+ROTATION_RETRY_S = 60.0
 
 
 class MountError(TdefsError):
@@ -61,6 +66,8 @@ class MountRequest:
     log_file: Path | None = None
     writeback_cache: bool = True
     xattrs: bool = False
+    # None: the vault's own option (vault.json rotation_period_days); 0: never
+    rotation_period_days: float | None = None
 
 
 # ------------------------------------------------------------------ mount table
@@ -193,7 +200,9 @@ class _Daemon:
     def __init__(self, req: MountRequest, vault: Vault, on_ready: Any) -> None:
         self.req = req
         self.vault = vault
+        self.source = req.source  # the master key sealing keys.dict now
         self.started = time.time()
+        self.last_rotation: dict[str, Any] | None = None  # the last automatic one
         self._on_ready = on_ready
         self._initialized = trio.Event()
         self.fs = VaultFS(vault, on_ready=self._initialized.set,
@@ -202,6 +211,7 @@ class _Daemon:
             "status": self._status,
             "keys.list": self._keys_list,
             "keys.rotate": self._keys_rotate,
+            "master_key.rotate": self._master_key_rotate,
             "write_failures": self._write_failures,
         })
 
@@ -210,6 +220,7 @@ class _Daemon:
             await nursery.start(self.control.serve)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._after_init)
+            nursery.start_soon(self._rotate_when_due)
             await pyfuse3.main()
             log.info("unmounted %s", self.req.mountpoint)
             nursery.cancel_scope.cancel()
@@ -246,7 +257,62 @@ class _Daemon:
             log.warning("unmount %s: %s", mnt, result.stderr.strip())
             trio.from_thread.run_sync(pyfuse3.terminate)
 
+    # -- automatic key rotation ----------------------------------------------------
+
+    @property
+    def rotation_period_s(self) -> float:
+        return float(self.vault.options.get("rotation_period_days", 0) or 0) * 86400
+
+    def _next_rotation(self) -> float | None:
+        """When the active data key becomes due for rotation (unix time), or None: off."""
+        period = self.rotation_period_s
+        if period <= 0:
+            return None
+        active, last = self.vault.keys.active, self.last_rotation
+        due = active.created + period
+        if last is not None and last["new_key"] == active.id:
+            # keys record whole seconds: a period shorter than one must not make the
+            # key that was just made look due at once
+            due = max(due, last["time"] + period)
+        return due
+
+    async def _rotate_when_due(self) -> None:
+        """Rotate the data key whenever the active one is older than the rotation period:
+        checked at mount, then asleep until the next due time."""
+        while (due := self._next_rotation()) is not None:
+            wait = due - time.time()
+            if wait > 0:
+                # a rotation through `tdefs keys rotate` meanwhile moves the due time
+                # later: on waking it is computed again
+                await trio.sleep(min(wait, ROTATION_SLEEP_MAX_S))
+                continue
+            try:
+                await trio.to_thread.run_sync(self._rotate_if_due)
+            except Exception:
+                log.exception("rotating the data key failed; trying again in %.0f s",
+                              ROTATION_RETRY_S)
+                await trio.sleep(ROTATION_RETRY_S)
+
+    def _rotate_if_due(self) -> None:
+        old, now = self.vault.keys.active, time.time()
+        key_id = self.vault.rotate_if_due(now)
+        if key_id is None:
+            return
+        new = self.vault.keys.get(key_id)
+        age = (now - old.created) / 86400
+        self.last_rotation = {"time": now, "new_key": key_id, "method": new.method,
+                              "old_key": old.id, "old_age_days": age}
+        log.info("rotated the data key: new active key %d (%s), key %d was %.3g days old",
+                 key_id, new.method, old.id, age)
+
+    # -- control commands ------------------------------------------------------------
+
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+        # the files and bytes per key cost a stat of every file: only when asked (not
+        # by `tdefs umount`, which must hear back quickly)
+        keys = (await trio.to_thread.run_sync(self.vault.key_usage)
+                if request.get("keys") else None)
+        active = self.vault.keys.active
         return {
             **control.process_status(self.started),
             "backing": str(self.vault.root),
@@ -259,18 +325,46 @@ class _Daemon:
             "entry_copies": self.vault.copies.enabled,
             "fallocate": FALLOCATE,
             "write_failures": len(self.fs.write_failures),
+            "active_key": {"id": active.id, "method": active.method, "created": active.created},
+            **({"keys": keys} if keys is not None else {}),
+            "rotation": {"period_days": self.rotation_period_s / 86400,
+                         "next_due": self._next_rotation(),
+                         "last_automatic": self.last_rotation},
         }
 
     async def _write_failures(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"failures": sorted(self.fs.write_failures.values(), key=lambda f: f["first"])}
 
     async def _keys_list(self, request: dict[str, Any]) -> dict[str, Any]:
-        keys = await trio.to_thread.run_sync(self.vault.keys.list)
-        return {"keys": keys}
+        return {"keys": await trio.to_thread.run_sync(self.vault.key_usage)}
 
     async def _keys_rotate(self, request: dict[str, Any]) -> dict[str, Any]:
-        key_id = await trio.to_thread.run_sync(self.vault.keys.rotate)
-        return {"key_id": key_id}
+        method = request.get("method")
+        if method is not None and (method not in METHODS or method == "plaintext"):
+            raise TdefsError(f"a data key cannot use the method {method!r}")
+        key_id = await trio.to_thread.run_sync(self.vault.keys.rotate, method)
+        log.info("rotated the data key on request: new active key %d (%s)", key_id,
+                 self.vault.keys.get(key_id).method)
+        return {"key_id": key_id, "method": self.vault.keys.get(key_id).method}
+
+    async def _master_key_rotate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Re-seal keys.dict under the master key the request carries (a key file's path
+        and content, or a passphrase); the old master key then opens nothing."""
+        old_opens = await trio.to_thread.run_sync(self._reseal, request)
+        return {"backing": str(self.vault.root), "old_opens": old_opens}
+
+    def _reseal(self, request: dict[str, Any]) -> bool:
+        # the key file is read again right here, so one that changed since the client
+        # read it is refused rather than half-trusted
+        source = MasterKeySource.from_message(request)
+        self.vault.keys.reseal(source)
+        old, self.source = self.source, source
+        try:
+            old_opens = self.vault.keys.opens_with(old)
+        except TdefsError:
+            old_opens = False  # e.g. the old key file is gone: it opens nothing either
+        log.info("re-sealed keys.dict under a new master key (%s)", source.describe())
+        return old_opens
 
 
 def serve(req: MountRequest, on_ready: Any = None) -> None:
@@ -278,6 +372,8 @@ def serve(req: MountRequest, on_ready: Any = None) -> None:
     os.umask(0)  # modes arrive from the kernel with the caller's umask applied
     vault = Vault.open(req.backing, req.source)
     try:
+        if req.rotation_period_days is not None:
+            vault.options["rotation_period_days"] = req.rotation_period_days
         daemon = _Daemon(req, vault, on_ready)
         try:
             pyfuse3.init(daemon.fs, str(req.mountpoint), _options(req))

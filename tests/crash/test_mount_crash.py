@@ -95,7 +95,7 @@ def _unlink_then_umount(mnt: Path) -> None:
 
 
 def _rotate_data_key(mnt: Path) -> None:
-    fx.run_tdefs("mount-keys", "rotate", mnt, check=False, timeout=30)
+    fx.run_tdefs("keys", "rotate", mnt, check=False, timeout=30)
 
 
 OPERATIONS = {op.name: op for op in (

@@ -153,24 +153,6 @@ def test_status_and_umount_errors(v: VaultPaths) -> None:
             assert is_mounted(v.mountpoint)
 
 
-def test_mount_keys_through_the_control_socket(v: VaultPaths) -> None:
-    with mounted_at(v):
-        (v.mountpoint / "before").write_bytes(b"old key")
-        listed = run_tdefs("mount-keys", "list", v.mountpoint).stdout.decode()
-        assert len(listed.strip().splitlines()) == 2
-        rotated = run_tdefs("mount-keys", "rotate", v.mountpoint).stdout.decode()
-        assert "new active key: 2" in rotated
-        (v.mountpoint / "after").write_bytes(b"new key")
-        listed = run_tdefs("mount-keys", "list", v.mountpoint).stdout.decode().splitlines()
-        assert len(listed) == 3 and listed[2].rstrip().endswith("*")
-        # offline commands refuse a vault that is mounted
-        proc = run_tdefs("keys", "list", v.backing, *v.key_args(), check=False)
-        assert proc.returncode != 0
-    with mounted_at(v):
-        assert (v.mountpoint / "before").read_bytes() == b"old key"
-        assert (v.mountpoint / "after").read_bytes() == b"new key"
-
-
 def test_sigterm_flushes_and_unmounts(v: VaultPaths) -> None:
     mount(v)
     try:

@@ -1,7 +1,9 @@
-"""`tdefs init`, `tdefs fsck [--repair]`, `tdefs keys list|rotate` (run in-process)."""
+"""`tdefs init`, `tdefs fsck [--repair]`, `tdefs keys list|rotate` and `tdefs master-key
+rotate` on a backing directory (run in-process)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from encfs import content
+from encfs.errors import TdefsError, VaultError
 from encfs.masterkey import MasterKeySource
 from encfs.vault import Vault
 from mount.cli import main
@@ -94,14 +97,49 @@ def test_init_over_existing_files_warns_they_stay_plaintext(tmp_path, capsys):
 
 def test_keys_list_and_rotate(initialised, capsys):
     backing, key = initialised
-    write(backing, key, {"a": b"A", "b": b"B"})
+    write(backing, key, {"a": b"A" * 1000, "b": b"B" * 24})
     code, out, _ = run(capsys, "keys", "rotate", str(backing), "--key-file", str(key))
-    assert code == 0 and "new active data key 2" in out
-    write(backing, key, {"c": b"C"})
+    assert code == 0
+    assert out == ("new active data key 2 (aes-256-ctr); files using older keys keep them"
+                   " until rewritten\n")
+    write(backing, key, {"c": b"C" * 5})
+    with Vault.open(backing, MasterKeySource.key_file(key)) as v:
+        v.link(b"c", b"c2")  # two entries, one file
     code, out, _ = run(capsys, "keys", "list", str(backing), "--key-file", str(key))
-    rows = [line.split() for line in out.splitlines()[1:]]
-    assert [(r[0], r[-1]) for r in rows] == [("1", "2"), ("2", "1")]
-    assert "yes" in out.splitlines()[2] and "yes" not in out.splitlines()[1]
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "METHOD", "CREATED", "(UTC)", "ACTIVE", "FILES", "BYTES"]
+    rows = [line.split() for line in lines[1:]]
+    # id, files, bytes (a hard-linked file counts its bytes once)
+    assert [(r[0], r[-2], r[-1]) for r in rows] == [("1", "2", "1024"), ("2", "2", "5")]
+    assert "yes" in lines[2] and "yes" not in lines[1]
+    code, out, _ = run(capsys, "keys", "list", str(backing), "--key-file", str(key), "--json")
+    listed = json.loads(out)
+    assert [{k: r[k] for k in ("id", "method", "active", "files", "bytes")} for r in listed] == [
+        {"id": 1, "method": "aes-256-ctr", "active": False, "files": 2, "bytes": 1024},
+        {"id": 2, "method": "aes-256-ctr", "active": True, "files": 2, "bytes": 5}]
+    assert all(isinstance(r["created"], int) for r in listed)
+    code, out, _ = run(capsys, "keys", "rotate", str(backing), "--key-file", str(key),
+                       "--method", "sm4-ctr")
+    assert code == 0 and "new active data key 3 (sm4-ctr)" in out
+
+
+def test_keys_on_a_backing_directory_without_key_options_say_so(initialised, capsys):
+    backing, _ = initialised
+    for action in ("list", "rotate"):
+        code, out, err = run(capsys, "keys", action, str(backing))
+        assert code == 1 and out == ""
+        assert err == (f"tdefs: error: {backing} is not a running tdefs mount, so `tdefs keys"
+                       f" {action}` opens it as a backing directory and needs its master key:"
+                       " --key-file, --passphrase-file, --passphrase-env or --passphrase\n")
+
+
+@pytest.mark.parametrize("argv", [["mount-keys", "list", "."], ["keys", "rekey", "."],
+                                  ["keys", "list"], ["master-key", "rotate", "."]])
+def test_removed_and_incomplete_commands_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "usage: tdefs" in capsys.readouterr().err
 
 
 def test_fsck_reports_stale_and_plaintext_then_repairs(initialised, capsys):
@@ -193,15 +231,20 @@ def test_not_a_vault_and_bad_key_file_mode(tmp_path, capsys):
     assert code == 1 and "chmod 600" in err and not (tmp_path / "v").exists()
 
 
-def test_keys_rekey_changes_the_master_key(initialised, capsys):
+def test_master_key_rotate_changes_the_master_key(initialised, capsys):
     backing, key = initialised
     write(backing, key, {"a": b"A" * 20})
     new = backing.parent / "new.key"
-    code, _, err = run(capsys, "keys", "rekey", str(backing), "--key-file", str(key))
-    assert code == 1 and "--new-key-file" in err
-    code, out, _ = run(capsys, "keys", "rekey", str(backing), "--key-file", str(key),
+    code, _, err = run(capsys, "master-key", "rotate", str(backing), "--new-key-file", str(new))
+    assert code == 1 and "needs its master key" in err and not new.exists()
+    code, _, err = run(capsys, "master-key", "rotate", str(backing), "--key-file", str(key),
+                       "--new-passphrase-env", "X", "--generate-key")
+    assert err == "tdefs: error: --generate-key needs --new-key-file\n"
+    code, out, _ = run(capsys, "master-key", "rotate", str(backing), "--key-file", str(key),
                        "--new-key-file", str(new), "--generate-key")
-    assert code == 0 and "new master key" in out
+    assert code == 0
+    assert out.splitlines()[-1] == (f"vault {backing} is now sealed with the new master key"
+                                    " (key-file); the old one no longer opens it")
     code, _, err = run(capsys, "keys", "list", str(backing), "--key-file", str(key))
     assert code == 1 and f"wrong key file {key} for vault {backing}" in err
     with Vault.open(backing, MasterKeySource.key_file(new)) as v:
@@ -210,11 +253,25 @@ def test_keys_rekey_changes_the_master_key(initialised, capsys):
         os.close(fd)
 
 
-def test_keys_rekey_to_the_same_key_file_changes_nothing(initialised, capsys):
+def test_master_key_rotate_to_a_passphrase_and_back(initialised, capsys, monkeypatch):
+    backing, key = initialised
+    write(backing, key, {"a": b"A" * 20})
+    monkeypatch.setenv("TDEFS_TEST_NEW_PW", "correct horse")
+    code, out, _ = run(capsys, "master-key", "rotate", str(backing), "--key-file", str(key),
+                       "--new-passphrase-env", "TDEFS_TEST_NEW_PW")
+    assert code == 0 and "(passphrase); the old one no longer opens it" in out
+    code, _, err = run(capsys, "keys", "list", str(backing), "--key-file", str(key))
+    assert code == 1 and "sealed with a passphrase" in err
+    code, out, _ = run(capsys, "keys", "list", str(backing), "--passphrase-env",
+                       "TDEFS_TEST_NEW_PW")
+    assert code == 0 and "aes-256-ctr" in out
+
+
+def test_master_key_rotate_to_the_same_key_file_changes_nothing(initialised, capsys):
     backing, key = initialised
     keys = backing / ".tdefs" / "keys.dict"
     before = keys.read_bytes()
-    code, out, err = run(capsys, "keys", "rekey", str(backing), "--key-file", str(key),
+    code, out, err = run(capsys, "master-key", "rotate", str(backing), "--key-file", str(key),
                          "--new-key-file", str(key), "--generate-key")
     assert code == 1 and out == ""
     assert err == (f"tdefs: error: vault {backing} is already sealed with key file {key}:"
@@ -224,15 +281,39 @@ def test_keys_rekey_to_the_same_key_file_changes_nothing(initialised, capsys):
     assert code == 0
 
 
-def test_keys_rekey_to_the_same_passphrase_says_it_still_opens(tmp_path, capsys):
+def test_master_key_rotate_to_the_same_passphrase_says_it_still_opens(tmp_path, capsys):
     pw = tmp_path / "pw"
     pw.write_text("same\n")
     backing = tmp_path / "v"
     assert run(capsys, "init", str(backing), "--passphrase-file", str(pw))[0] == 0
-    code, out, _ = run(capsys, "keys", "rekey", str(backing), "--passphrase-file", str(pw),
+    code, out, _ = run(capsys, "master-key", "rotate", str(backing), "--passphrase-file", str(pw),
                        "--new-passphrase-file", str(pw))
     assert code == 0 and "the same passphrase still opens it" in out
     assert "no longer opens" not in out
+
+
+def test_a_new_master_key_as_a_control_message(tmp_path):
+    """What `master-key rotate` sends to a daemon, and what the daemon makes of it."""
+    key = tmp_path / "k"
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)
+    fields = MasterKeySource.key_file(key).to_message()
+    assert fields == {"kind": "key-file", "path": str(key), "key": "ab" * 32}
+    source = MasterKeySource.from_message(json.loads(json.dumps(fields)))
+    assert source.kind == "key-file" and source.path == key
+    key.write_text("cd" * 32 + "\n")  # the file changed after the client read it
+    with pytest.raises(VaultError, match=f"key file {key} changed after it was read"):
+        MasterKeySource.from_message(fields)
+    with pytest.raises(TdefsError, match="absolute path"):
+        MasterKeySource.from_message({**fields, "path": "k"})
+    secret = b"caf\xc3\xa9 \xff\xfe not utf-8"
+    fields = MasterKeySource.passphrase(secret).to_message()
+    source = MasterKeySource.from_message(json.loads(json.dumps(fields)))
+    header = {"backend": "passphrase", "kdf": {"name": "scrypt", "salt": "00" * 16,
+                                                "n": 2, "r": 1, "p": 1}}
+    assert source.derive(header, "v") == MasterKeySource.passphrase(secret).derive(header, "v")
+    with pytest.raises(TdefsError, match="kind"):
+        MasterKeySource.from_message({"kind": "plaintext"})
 
 
 def test_init_durability_option(tmp_path, capsys):
