@@ -1068,7 +1068,7 @@ class DB:
                 self._closed = True
                 self._vs.close()
                 self._release_lock()
-                self.cache.clear()
+                self._close_tables()
             return
         try:
             if self._bg_error is None:
@@ -1086,7 +1086,16 @@ class DB:
                 finally:
                     self._vs.close()
                     self._release_lock()
-                    self.cache.clear()
+                    self._close_tables()
+
+    def _close_tables(self) -> None:
+        """Let go of every table's mapping (and the descriptor it keeps) now, rather
+        than whenever the collector gets to them: a closed database holds no file open,
+        so the filesystem under it can be unmounted."""
+        self.cache.clear()
+        for _, f in self._vs.current.files():
+            if f.reader is not None:
+                f.reader.close()
 
     def __enter__(self) -> DB:
         return self

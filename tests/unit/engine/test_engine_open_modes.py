@@ -111,3 +111,19 @@ def test_read_only_opens_share_the_lock_and_exclude_writers(tmp_path):
     with DB.open(path, opts):
         with pytest.raises(LockError, match="locked by another process"):
             DB.open(path, opts, read_only=True)
+
+
+def test_a_closed_database_holds_no_file_open(tmp_path):
+    from engine import DB
+
+    db = DB.open(str(tmp_path / "db"))
+    for i in range(2000):
+        db.put(f"k{i:05d}".encode(), b"v" * 100)
+    db.flush()
+    assert db.get(b"k00001") == b"v" * 100  # a table is mapped for the read
+    db.close()
+    mine = f"/proc/{os.getpid()}/fd"
+    held = [os.readlink(f"{mine}/{fd}") for fd in os.listdir(mine)
+            if os.path.exists(f"{mine}/{fd}") and str(tmp_path) in os.readlink(f"{mine}/{fd}")]
+    assert held == []  # db is still referenced: nothing waits for the collector
+    assert db is not None
