@@ -121,7 +121,7 @@ class MasterKeySource:
 
     @classmethod
     def key_file(cls, path: str | Path) -> MasterKeySource:
-        return cls("key-file", path=Path(path))
+        return cls("key-file", path=Path(path).absolute())  # the daemon changes directory
 
     @classmethod
     def passphrase(cls, secret: bytes, *, scrypt_n: int = SCRYPT_N) -> MasterKeySource:

@@ -15,6 +15,8 @@ import pyfuse3
 import pytest
 import trio
 from conftest import (
+    REPO,
+    TDEFS,
     VaultPaths,
     daemons_for,
     force_cleanup,
@@ -331,3 +333,22 @@ def test_permission_checks_follow_allow_other(v: VaultPaths) -> None:
     with mounted_at(v, extra=("--allow-other",)):
         assert {"default_permissions", "allow_other"} <= _fuse_options(v.mountpoint)
         assert _as_nobody(v.mountpoint, "f") == 0
+
+
+def test_a_key_file_given_by_a_relative_path_mounts(tmp_path: Path) -> None:
+    """The daemon changes directory to / when it detaches: a relative key path must
+    still name the file the user meant."""
+    require_fuse()
+    v = make_vault(tmp_path)
+    env = {k: val for k, val in os.environ.items() if k != "TDEFS_FAILPOINTS"}
+    env["PYTHONPATH"] = str(REPO)
+    try:
+        proc = subprocess.run([*TDEFS, "mount", v.backing.name, v.mountpoint.name,
+                               "--key-file", v.key_file.name, "--log", str(v.log)],
+                              cwd=tmp_path, env=env, capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        (v.mountpoint / "f").write_bytes(b"through a relative key path")
+        assert (v.mountpoint / "f").read_bytes() == b"through a relative key path"
+        run_tdefs("umount", v.mountpoint)
+    finally:
+        force_cleanup(v.mountpoint)
