@@ -114,6 +114,27 @@ class BackingTree:
         finally:
             os.close(dfd)
 
+    def walk_files(self, skip: frozenset[bytes] | set[bytes] = frozenset()) -> list[bytes]:
+        """Every regular file in the tree, sorted, leaving out the root's entries named
+        in ``skip``. Walks by directory descriptors, so any depth is fine."""
+        found: list[bytes] = []
+        top = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            for dirpath, dirnames, filenames, dirfd in os.fwalk(b".", dir_fd=top):
+                rel_dir = dirpath[2:]  # below b"./"
+                if not rel_dir:
+                    dirnames[:] = [d for d in dirnames if d not in skip]
+                for name in filenames:
+                    try:
+                        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        found.append(rel_dir + b"/" + name if rel_dir else name)
+        finally:
+            os.close(top)
+        return sorted(found)
+
     def readlink(self, rel: bytes) -> bytes:
         with self.at(rel) as (fd, rest):
             return os.readlink(rest, dir_fd=fd)

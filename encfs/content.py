@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from encfs.cipher import FileCipher
@@ -248,3 +248,51 @@ def _zero_partial(fd: int, cipher: FileCipher, size: int, start: int, stop: int)
     """Make [start, stop), inside one block of the file, read as zeros."""
     if stop > start and not _is_hole(fd, _down(start), size):
         _write_zeros(fd, cipher, start, stop)  # a hole reads as zeros already
+
+
+COPY_CHUNK = 256 * 1024
+
+
+def copy_reencrypted(src_fd: int, src_cipher: FileCipher, dst_fd: int, dst_cipher: FileCipher,
+                     size: int, pace: Callable[[int], None]) -> int:
+    """Copy the first ``size`` plaintext bytes of ``src_fd`` into the empty file
+    ``dst_fd`` under ``dst_cipher``, keeping the holes rule: whole zero blocks stay
+    holes, everything else is written, the short last block always. ``pace(n)`` is
+    called before each write of n bytes (rate limits, pauses, cancellation). Returns
+    the bytes written."""
+    written = 0
+    tail = _down(size) if size % BLOCK else size  # a short last block, never a hole
+    pos = 0
+    while pos < size:
+        try:
+            pos = max(pos, _down(os.lseek(src_fd, pos, os.SEEK_DATA)))
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            break  # holes to the end
+        if pos >= size:
+            break
+        n = min(COPY_CHUNK, size - pos)
+        plain = read_at(src_fd, src_cipher, n, pos)
+        holes = set(zero_blocks(plain))
+        run = None
+        for at in range(0, len(plain) + BLOCK, BLOCK):
+            if at < len(plain) and at not in holes:
+                run = at if run is None else run
+                continue
+            if run is not None:
+                piece = plain[run:at]
+                pace(len(piece))
+                out = piece if dst_cipher.is_plaintext else dst_cipher.apply(piece, pos + run)
+                _pwrite_all(dst_fd, out, pos + run)
+                written += len(piece)
+                run = None
+        pos += n
+    if tail < size and not dst_cipher.is_plaintext and os.fstat(dst_fd).st_size < size:
+        # the short last block was a hole in the source: it must be ciphertext here
+        piece = read_at(src_fd, src_cipher, size - tail, tail)
+        pace(len(piece))
+        _pwrite_all(dst_fd, dst_cipher.apply(piece, tail), tail)
+        written += len(piece)
+    os.ftruncate(dst_fd, size)
+    return written

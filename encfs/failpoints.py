@@ -30,6 +30,16 @@ FAILPOINTS: tuple[str, ...] = (
     "link.after-new",  # entry for the new name durable, link not made
     "truncate.after-truncate",  # truncated to zero, fresh-IV entry not written
     "init.before-publish",  # vault metadata written, not yet renamed into place
+    # re-encryption (encfs/reencrypt.py)
+    "reencrypt.after-start",  # the copy's entry durable and the copy created, nothing copied
+    "reencrypt.mid-copy",  # a chunk of the copy is about to be written (ACTION@N: the N-th)
+    "reencrypt.after-copy",  # the copy complete and fsynced, not yet in place
+    "reencrypt.after-first-name",  # the copy renamed over the first name, other names not moved
+    "reencrypt.mid-links",  # one more name moved to the new inode (hard links)
+    "reencrypt.after-switch",  # every name moved, keys not yet retired
+    "reencrypt.state.mid-tmp",  # .tdefs/reencrypt.json: half the new state written
+    "reencrypt.state.after-tmp",
+    "reencrypt.state.after-rename",
     # files.dict (encfs/filedict.py)
     "dict.append.mid-write",  # half a record written
     "dict.append.after-write",  # record written, not synced

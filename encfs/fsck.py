@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from encfs.entry_copy import Damaged
 from encfs.errors import Corruption
 from encfs.filedict import FileInfo, Put, SalvageReport
 from encfs.masterkey import MasterKeySource
-from encfs.vault import INIT_DIR, META_DIR, RecoveryReport, Vault
+from encfs.vault import RecoveryReport, Vault
 
 SAMPLE_BYTES = 16 * 1024  # read from the start of a file without an entry
 _RECORD_OPS = 4096
@@ -68,24 +67,6 @@ class FsckReport:
         return self.repair or not self.problems
 
 
-def walk_files(root: bytes) -> list[bytes]:
-    """Every regular file below ``root`` (outside the metadata), backing-relative.
-    Walks by directory descriptors, so a tree of any depth is fine."""
-    skip = {META_DIR.encode(), INIT_DIR.encode()}
-    found: list[bytes] = []
-    for dirpath, dirnames, filenames, dirfd in os.fwalk(root):
-        rel_dir = dirpath[len(root) + 1:]
-        if not rel_dir:
-            dirnames[:] = [d for d in dirnames if d not in skip]
-        for name in filenames:
-            try:
-                if stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
-                    found.append(rel_dir + b"/" + name if rel_dir else name)
-            except FileNotFoundError:
-                continue
-    return sorted(found)
-
-
 def check(backing: str | os.PathLike[str], source: MasterKeySource, repair: bool = False) -> FsckReport:
     """Check (and with ``repair``, fix) the vault at ``backing``."""
     report = FsckReport(root=os.path.abspath(backing), repair=repair)
@@ -101,7 +82,7 @@ def check(backing: str | os.PathLike[str], source: MasterKeySource, repair: bool
         stale = set(vault.recovery.stale)
         entries = {p: i for p, i in vault.files.items() if p not in stale}
         puts: list[tuple[bytes, FileInfo]] = []
-        for rel in walk_files(os.fsencode(vault.root)):
+        for rel in vault.tree.walk_files(skip=vault.metadata_names()):
             info = _check_file(vault, report, rel, entries.get(rel))
             if info is not None and info is not entries.get(rel):
                 puts.append((rel, info))

@@ -92,10 +92,12 @@ class KeyStore:
             if len(dk.key) != KEY_SIZES[dk.method]:
                 raise ValueError(f"key {dk.id} has the wrong length")
             self.keys[dk.id] = dk
-        self.active_id = int(body["active"])
+        # the key new files use; None: new files are plaintext (encryption is off)
+        self.active_id: int | None = None if body["active"] is None else int(body["active"])
         self._next_id = int(body["next_id"])
         self._vault_secret = bytes.fromhex(body["vault_secret"])
-        if self.active_id not in self.keys or len(self._vault_secret) != VAULT_SECRET_SIZE:
+        if (self.active_id is not None and self.active_id not in self.keys) \
+                or len(self._vault_secret) != VAULT_SECRET_SIZE:
             raise ValueError("active key missing or bad vault secret")
         # set by the vault: key id -> number of dictionary entries using it
         self.usage: Callable[[], dict[int, int]] | None = None
@@ -105,19 +107,19 @@ class KeyStore:
     @classmethod
     def create(cls, path: str | Path, source: MasterKeySource, method: str = DEFAULT_METHOD,
                vault: str | None = None) -> KeyStore:
-        """Make a new store with one active data key; writes ``path`` atomically."""
+        """Make a new store with one active data key of ``method`` (none for
+        "plaintext": new files are then not encrypted); writes ``path`` atomically."""
         path = Path(path)
         vault = vault or str(path.parent.parent)
         header = source.new_header()
         master = source.derive(header, vault)
         header["key_check"] = key_check(master)
-        key_method = method if method != "plaintext" else DEFAULT_METHOD
-        first = _new_key(1, key_method)
+        first = None if check_method(method) == "plaintext" else _new_key(1, method)
         body = {
             "vault_secret": secrets.token_bytes(VAULT_SECRET_SIZE).hex(),
-            "active": 1,
+            "active": None if first is None else 1,
             "next_id": 2,
-            "keys": [_key_json(first)],
+            "keys": [] if first is None else [_key_json(first)],
         }
         store = cls(path, vault, header, master, body)
         store._write()
@@ -162,8 +164,16 @@ class KeyStore:
         return hmac.compare_digest(source.derive(self._header, self.vault), self._master)
 
     @property
-    def active(self) -> DataKey:
-        return self.keys[self.active_id]
+    def active(self) -> DataKey | None:
+        """The key new files use, None when they are plaintext. Its method is the one
+        source of truth for the cipher of new files."""
+        return None if self.active_id is None else self.keys[self.active_id]
+
+    @property
+    def method(self) -> str:
+        """The cipher of new files: the active key's method, or "plaintext"."""
+        active = self.active
+        return "plaintext" if active is None else active.method
 
     def get(self, key_id: int) -> DataKey:
         try:
@@ -186,11 +196,15 @@ class KeyStore:
     # -- changes (each one atomic replace of keys.dict) ----------------------------
 
     def rotate(self, method: str | None = None) -> int:
-        """Add a new data key and make it active; returns its id."""
+        """Add a new data key and make it active; returns its id. ``method`` defaults
+        to the active key's, or to the default when encryption is off (a rotation then
+        switches it on)."""
         with self._lock:
-            key = _new_key(self._next_id, check_method(method or self.active.method))
-            if key.method == "plaintext":
+            active = self.active
+            method = check_method(method or (active.method if active else DEFAULT_METHOD))
+            if method == "plaintext":
                 raise VaultError("a data key cannot use the plaintext method")
+            key = _new_key(self._next_id, method)
             old = (dict(self.keys), self.active_id, self._next_id)
             self.keys[key.id] = key
             self.active_id = key.id
@@ -201,6 +215,17 @@ class KeyStore:
                 self.keys, self.active_id, self._next_id = old
                 raise
             return key.id
+
+    def switch_off(self) -> None:
+        """No active key: new files are plaintext (the keys stay for existing files)."""
+        with self._lock:
+            old = self.active_id
+            self.active_id = None
+            try:
+                self._write()
+            except BaseException:
+                self.active_id = old
+                raise
 
     def retire(self, key_ids: Iterable[int], referenced: set[int]) -> list[int]:
         """Drop keys that are neither active nor in ``referenced``; returns those dropped."""

@@ -64,6 +64,7 @@ INIT_DIR = ".tdefs.init"  # where init builds the metadata before renaming it in
 VAULT_JSON = "vault.json"
 KEYS_DICT = "keys.dict"
 FILES_DICT = "files.dict"
+INTERNAL_DIR = META_DIR.encode() + b"/tmp"  # the vault's own files: re-encryption's copies
 FORMAT_VERSION = 1
 MAC_KEY_LABEL = b"tdefs files.dict mac v1"
 DEFAULT_OPTIONS: dict[str, Any] = {"rotation_period_days": 7, "reencrypt_rate_mb": 16,
@@ -136,7 +137,6 @@ class Vault:
         self.tree = BackingTree(os.fsencode(root))
         self._lock_fd = lock_fd
         self.config = config
-        self.method: str = config["method"]
         self.options: dict[str, Any] = config.get("options", {})
         self.keys = keys
         self.files = files
@@ -198,7 +198,6 @@ class Vault:
         FileDictionary.create(staging / FILES_DICT, keys.derive(MAC_KEY_LABEL))
         config = {
             "format": FORMAT_VERSION,
-            "method": method,
             "options": {**DEFAULT_OPTIONS, "durability": durability},
             "created": int(time.time()),
         }
@@ -236,7 +235,8 @@ class Vault:
             config = json.loads(raw)
             if config["format"] != FORMAT_VERSION:
                 raise VaultError(f"{meta / VAULT_JSON}: format {config['format']} is not supported")
-            check_method(config["method"])
+            if "method" in config:  # written by older versions; keys.dict says now
+                check_method(config["method"])
             durability = config.get("options", {}).get("durability", "strict")
             if durability not in DURABILITY_MODES:
                 raise ValueError(f"unknown durability {durability!r} (choose from"
@@ -250,6 +250,13 @@ class Vault:
             except BlockingIOError:
                 raise VaultError(f"vault {root} is in use by another process (is it mounted?)") from None
             keys = KeyStore.open(meta / KEYS_DICT, source, vault=str(root))
+            if config.get("method") == "plaintext" and keys.active_id is not None:
+                # a vault.json of an older version said "plaintext" while keys.dict had
+                # an active key: keys.dict says it alone from now on
+                if mode == "check":
+                    keys.active_id = None
+                else:
+                    keys.switch_off()
             rebuilt = False
             if not (meta / FILES_DICT).is_file():
                 if mode != "repair":
@@ -341,6 +348,16 @@ class Vault:
     def _is_regular(self, rel: bytes) -> bool:
         return self.tree.is_regular(rel)
 
+    @property
+    def method(self) -> str:
+        """The cipher of new files: the active data key's method ("plaintext" when
+        there is none). keys.dict is the one source of truth for it."""
+        return self.keys.method
+
+    def cipher_of(self, info: FileInfo) -> FileCipher:
+        """The cipher an entry describes (cached)."""
+        return self._cipher(info)
+
     def _cipher(self, info: FileInfo) -> FileCipher:
         c = self._ciphers.get(info)
         if c is None:
@@ -413,8 +430,12 @@ class Vault:
         if self.files.applied_count() and self.files.touches_applied(paths):
             self.flush_deletes()
 
-    def _new_info(self) -> FileInfo:
+    def new_info(self) -> FileInfo | None:
+        """A new file's entry: the active key and a fresh IV; None when new files are
+        plaintext (no active key)."""
         key = self.keys.active
+        if key is None:
+            return None
         return FileInfo(key.method, key.id, secrets.token_bytes(IV_SIZE))
 
     # -- crash-ordered operations ----------------------------------------------------
@@ -438,11 +459,11 @@ class Vault:
                     os.close(fd)
                     raise
             return fd, self.cipher_for(rel)
-        if self.method == "plaintext":
+        info = self.new_info()
+        if info is None:
             self._settle_renames_at(rel)
             self._clear_name(rel)
             return tree.open(rel, flags | os.O_CREAT, mode), PLAINTEXT
-        info = self._new_info()
         self._settle_renames_at(rel)
         previous = self.files.get(rel)
         self._settle(rel)
@@ -518,6 +539,9 @@ class Vault:
         """Hard link ``dst`` to ``src``; the new name gets src's entry first."""
         _check_rel(src)
         _check_rel(dst)
+        self._link(src, dst)
+
+    def _link(self, src: bytes, dst: bytes) -> None:
         self._settle_renames_at(src, dst)
         tree = self.tree
         info = self.files.get(src)
@@ -563,12 +587,12 @@ class Vault:
                 info = self.files.get(rel)
                 if nlink > 1:
                     return PLAINTEXT if info is None else self._cipher(info)
-                if self.method == "plaintext":
+                new = self.new_info()
+                if new is None:
                     if info is not None:
                         self.files.append([Del(rel)], sync=self._strict)
                         self.copies.write(fd, None)
                     return PLAINTEXT
-                new = self._new_info()
                 self.files.append([Put(rel, new)], sync=self._strict)
                 self.copies.write(fd, new)
                 return self._cipher(new)
@@ -580,6 +604,9 @@ class Vault:
         """rename(2) / renameat2(2) of files or directories, crash-safe."""
         _check_rel(src)
         _check_rel(dst)
+        self._rename(src, dst, flags)
+
+    def _rename(self, src: bytes, dst: bytes, flags: int) -> None:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         tree = self.tree
@@ -682,6 +709,77 @@ class Vault:
         # entries; when dst does not exist those entries are stale anyway
         return dels + puts
 
+    # -- internal files (re-encryption's copies) ----------------------------------------
+
+    def metadata_names(self) -> set[bytes]:
+        """Names at the root of the backing tree that are the vault's, not the user's."""
+        return {META_DIR.encode(), INIT_DIR.encode()}
+
+    def create_internal(self, info: FileInfo | None) -> tuple[bytes, int]:
+        """A new, empty file in .tdefs/tmp/ with entry ``info`` (durable first, as for
+        any create) and its per-file copy; returns its path and a read-write fd.
+        Such a file becomes a user's file only through ``replace_with_internal``."""
+        self._tmp_dir()
+        rel = INTERNAL_DIR + b"/" + secrets.token_hex(8).encode()
+        if info is not None:
+            self.files.append([Put(rel, info)], sync=self._strict)
+        try:
+            fd = self.tree.open(rel, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            if info is not None:
+                self.files.append([Del(rel)], sync=False)
+            raise
+        self.copies.write(fd, info)
+        return rel, fd
+
+    def link_internal(self, src: bytes) -> bytes:
+        """A new name in .tdefs/tmp/ for the file ``src`` (a hard link, with src's
+        entry first); for moving a file's other names to it one by one."""
+        _check_rel(src)
+        self._tmp_dir()
+        rel = INTERNAL_DIR + b"/" + secrets.token_hex(8).encode()
+        self._link(src, rel)
+        return rel
+
+    def replace_with_internal(self, tmp: bytes, dst: bytes) -> None:
+        """Rename the internal file ``tmp`` over the user's file ``dst``, crash-safe:
+        afterwards ``dst`` reads through ``tmp``'s entry; a crash leaves it as before
+        or as after."""
+        if not tmp.startswith(INTERNAL_DIR + b"/"):
+            raise ValueError(f"not an internal file: {tmp!r}")
+        _check_rel(dst)
+        self._rename(tmp, dst, 0)
+
+    def remove_internal(self, tmp: bytes) -> None:
+        """Remove an internal file that was never put in place, and its entry."""
+        if not tmp.startswith(INTERNAL_DIR + b"/"):
+            raise ValueError(f"not an internal file: {tmp!r}")
+        try:
+            self.tree.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if self.files.has_entry(tmp) or self.files.is_deferred(tmp):
+            self._settle_renames_at(tmp)
+            self.files.append([Del(tmp)], sync=False)
+
+    def remove_leftover_internals(self) -> list[bytes]:
+        """Remove what a crash left in .tdefs/tmp/ (copies never put in place)."""
+        try:
+            names = self.tree.listdir(INTERNAL_DIR)
+        except FileNotFoundError:
+            return []
+        removed = [INTERNAL_DIR + b"/" + n for n in names]
+        for rel in removed:
+            self.remove_internal(rel)
+        return removed
+
+    def _tmp_dir(self) -> None:
+        try:
+            self.tree.mkdir(INTERNAL_DIR, 0o700)
+        except FileExistsError:
+            return
+        self.tree.fsync_dir(META_DIR.encode())
+
     # ``Vault.create(backing, source)`` makes a vault; ``vault.create(rel, flags, mode)``
     # creates a file in an open one: one name, told apart by how it is reached
     create = _ClassOrInstance(create_vault, create_file)
@@ -709,10 +807,11 @@ class Vault:
     def rotation_due(self, now: float | None = None) -> bool:
         """Is the active data key older than the vault's rotation period?"""
         days = float(self.options.get("rotation_period_days", 0) or 0)
-        if days <= 0:
-            return False
+        active = self.keys.active
+        if days <= 0 or active is None:
+            return False  # with no active key a rotation would switch encryption on
         now = time.time() if now is None else now
-        return now - self.keys.active.created >= days * 86400
+        return now - active.created >= days * 86400
 
     def rotate_if_due(self, now: float | None = None) -> int | None:
         """Rotate the data key when the rotation period has passed; the new key's id."""

@@ -10,7 +10,7 @@ import sys
 from encfs.errors import TdefsError
 
 # subcommand group -> module that provides register(subparsers)
-_COMMAND_MODULES = ("mount.cmd_vault", "mount.cmd_mount")
+_COMMAND_MODULES = ("mount.cmd_vault", "mount.cmd_mount", "mount.cmd_reencrypt")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from typing import Any
 
 from encfs.masterkey import add_key_options, source_from_args
 from mount import control
+from mount.cmd_reencrypt import reencrypt_rows
 from mount.cmd_vault import print_keys, utc
 
 
@@ -60,17 +61,6 @@ def _days(text: str) -> float:
     return days
 
 
-def ask_daemon(mountpoint: Path, cmd: str, **fields: Any) -> dict[str, Any]:
-    """One control command to the daemon of the mount at `mountpoint`, which is mounted."""
-    from mount.daemon import MountError
-
-    try:
-        return control.request(mountpoint, cmd, **fields)
-    except control.NoDaemon:
-        raise MountError(f"{mountpoint} is mounted but its daemon is gone "
-                         f"(run: tdefs umount {mountpoint})") from None
-
-
 def _mount(args: argparse.Namespace) -> int:
     # imported here so `tdefs --help` and the offline commands never load pyfuse3
     from mount.daemon import MountRequest, mount
@@ -108,7 +98,7 @@ def _status(args: argparse.Namespace) -> int:
     if entry is None:
         raise MountError(f"{args.mountpoint} is not mounted")
     # "keys": the files and bytes per key, which costs a stat of every file
-    reply = ask_daemon(args.mountpoint, "status", keys=True)
+    reply = control.ask(args.mountpoint, "status", keys=True)
     if args.json:
         reply.pop("ok", None)
         print(json.dumps(reply, indent=2))
@@ -117,9 +107,10 @@ def _status(args: argparse.Namespace) -> int:
     rows = [("mountpoint", reply["mountpoint"]), ("vault", reply["backing"]),
             ("pid", reply["pid"]), ("uptime", f"{reply['uptime_s']:.0f} s"),
             ("cipher", reply["method"]),
-            ("active key", f"{active['id']} ({active['method']}, created {utc(active['created'])}"
-                           " UTC)"),
+            ("active key", "none: new files are plaintext" if active is None else
+             f"{active['id']} ({active['method']}, created {utc(active['created'])} UTC)"),
             *_rotation_rows(reply["rotation"]),
+            *reencrypt_rows(reply["reencrypt"]),
             ("open files", reply["open_files"]),
             ("known inodes", reply["inodes"]),
             ("memory", f"{reply['rss_bytes'] / 2**20:.1f} MiB resident"),

@@ -16,7 +16,7 @@ from typing import Any
 
 from encfs.cipher import DEFAULT_METHOD, METHODS
 from encfs.errors import TdefsError
-from encfs.fsck import FsckReport, check, walk_files
+from encfs.fsck import FsckReport, check
 from encfs.masterkey import (
     MasterKeySource,
     add_key_options,
@@ -59,8 +59,8 @@ def register(sub: Any) -> None:
     _add_path(a)
     a.add_argument("--json", action="store_true", help="print the keys as a JSON list")
     a.set_defaults(func=_keys_list)
-    a = actions.add_parser("rotate", help="make a new active data key (files using older keys"
-                                          " keep them until rewritten)")
+    a = actions.add_parser("rotate", help="make a new active data key (a mount's background"
+                                          " re-encryption rewrites the files under older keys)")
     _add_path(a)
     a.add_argument("--method", choices=[m for m in METHODS if m != "plaintext"],
                    help="cipher of the new key (default: that of the active key)")
@@ -97,7 +97,7 @@ def _init(args: argparse.Namespace) -> int:
     vault = Vault.create(args.backing, source, method=args.method, durability=args.durability)
     try:
         print(f"initialised vault {vault.root} (cipher {vault.method}, master key: {source.kind})")
-        existing = len(walk_files(os.fsencode(vault.root)))
+        existing = len(vault.tree.walk_files(skip=vault.metadata_names()))
         if not vault.copies.enabled:
             print(f"tdefs: warning: the filesystem of {vault.root} keeps no user extended"
                   " attributes, so files carry no copy of their entry: a damaged files.dict"
@@ -205,12 +205,12 @@ def _running_mount(path: Path) -> bool:
 
 
 def _ask_daemon(args: argparse.Namespace, cmd: str, **fields: Any) -> dict[str, Any]:
-    from mount.cmd_mount import ask_daemon
+    from mount import control
 
     if any(getattr(args, name, None) for name in _KEY_OPTIONS):
         print(f"tdefs: warning: {args.path} is a running mount, whose daemon holds the master"
               " key: the master key options were not used", file=sys.stderr)
-    return ask_daemon(args.path, cmd, **fields)
+    return control.ask(args.path, cmd, **fields)
 
 
 def _offline_source(args: argparse.Namespace, command: str) -> MasterKeySource:
@@ -255,8 +255,9 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         with Vault.open(args.path, _offline_source(args, "keys rotate")) as vault:
             key_id = vault.keys.rotate(args.method)
             method = vault.keys.active.method
-    print(f"new active data key {key_id} ({method}); files using older keys keep them until"
-          " rewritten")
+    later = (f"re-encryption rewrites them now (tdefs reencrypt status {args.path})"
+             if _running_mount(args.path) else "the next mount's re-encryption rewrites them")
+    print(f"new active data key {key_id} ({method}); files under older keys: {later}")
     return 0
 
 

@@ -225,6 +225,16 @@ async def _read_line(stream: trio.SocketStream) -> bytes:
     return bytes(buf).split(b"\n", 1)[0]
 
 
+def ask(mountpoint: str | os.PathLike, cmd: str, **fields: Any) -> dict[str, Any]:
+    """`request` for a command line tool: the daemon of a mountpoint known to be
+    mounted must answer, and when it is gone the error says what to do."""
+    try:
+        return request(mountpoint, cmd, **fields)
+    except NoDaemon:
+        raise NoDaemon(f"{mountpoint} is mounted but its daemon is gone"
+                       f" (run: tdefs umount {mountpoint})") from None
+
+
 def request(mountpoint: str | os.PathLike, cmd: str, timeout: float = CLIENT_TIMEOUT, *,
             carries_secret: bool = False, **args: Any) -> dict[str, Any]:
     """Send one command to the daemon serving `mountpoint`; NoDaemon when none answers.

@@ -32,9 +32,11 @@ from encfs.cipher import METHODS
 from encfs.errors import TdefsError
 from encfs.fsops import syncfs
 from encfs.masterkey import MasterKeySource
+from encfs.reencrypt import Reencryptor
 from encfs.vault import Vault
 from mount import control
 from mount.fs import VaultFS
+from mount.reencryption import Reencryption
 
 log = logging.getLogger("tdefs.daemon")
 
@@ -197,7 +199,8 @@ def fusermount_unmount(mountpoint: str | os.PathLike, lazy: bool = False) -> sub
 class _Daemon:
     """One mounted vault being served."""
 
-    def __init__(self, req: MountRequest, vault: Vault, on_ready: Any) -> None:
+    def __init__(self, req: MountRequest, vault: Vault, reencryptor: Reencryptor,
+                 on_ready: Any) -> None:
         self.req = req
         self.vault = vault
         self.source = req.source  # the master key sealing keys.dict now
@@ -207,12 +210,17 @@ class _Daemon:
         self._initialized = trio.Event()
         self.fs = VaultFS(vault, on_ready=self._initialized.set,
                           writeback_cache=req.writeback_cache, xattrs=req.xattrs)
+        self.reencryption = Reencryption(self.fs, reencryptor)
         self.control = control.ControlServer(str(req.mountpoint), {
             "status": self._status,
             "keys.list": self._keys_list,
             "keys.rotate": self._keys_rotate,
             "master_key.rotate": self._master_key_rotate,
             "write_failures": self._write_failures,
+            "reencrypt.status": self._reencrypt_status,
+            "reencrypt.suspend": self._reencrypt_suspend,
+            "reencrypt.resume": self._reencrypt_resume,
+            "reencrypt.rate": self._reencrypt_rate,
         })
 
     async def run(self) -> None:
@@ -221,8 +229,10 @@ class _Daemon:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._after_init)
             nursery.start_soon(self._rotate_when_due)
+            nursery.start_soon(self.reencryption.run)
             await pyfuse3.main()
             log.info("unmounted %s", self.req.mountpoint)
+            self.reencryption.stop()  # a copy in progress ends now; the next open cleans up
             nursery.cancel_scope.cancel()
 
     async def _after_init(self) -> None:
@@ -266,9 +276,9 @@ class _Daemon:
     def _next_rotation(self) -> float | None:
         """When the active data key becomes due for rotation (unix time), or None: off."""
         period = self.rotation_period_s
-        if period <= 0:
-            return None
         active, last = self.vault.keys.active, self.last_rotation
+        if period <= 0 or active is None:
+            return None  # off, or no key to rotate (new files are plaintext)
         due = active.created + period
         if last is not None and last["new_key"] == active.id:
             # keys record whole seconds: a period shorter than one must not make the
@@ -304,6 +314,7 @@ class _Daemon:
                               "old_key": old.id, "old_age_days": age}
         log.info("rotated the data key: new active key %d (%s), key %d was %.3g days old",
                  key_id, new.method, old.id, age)
+        trio.from_thread.run_sync(self.reencryption.wake)
 
     # -- control commands ------------------------------------------------------------
 
@@ -325,11 +336,13 @@ class _Daemon:
             "entry_copies": self.vault.copies.enabled,
             "fallocate": FALLOCATE,
             "write_failures": len(self.fs.write_failures),
-            "active_key": {"id": active.id, "method": active.method, "created": active.created},
+            "active_key": (None if active is None else
+                           {"id": active.id, "method": active.method, "created": active.created}),
             **({"keys": keys} if keys is not None else {}),
             "rotation": {"period_days": self.rotation_period_s / 86400,
                          "next_due": self._next_rotation(),
                          "last_automatic": self.last_rotation},
+            "reencrypt": self.reencryption.status(),
         }
 
     async def _write_failures(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -345,7 +358,29 @@ class _Daemon:
         key_id = await trio.to_thread.run_sync(self.vault.keys.rotate, method)
         log.info("rotated the data key on request: new active key %d (%s)", key_id,
                  self.vault.keys.get(key_id).method)
+        self.reencryption.wake()
         return {"key_id": key_id, "method": self.vault.keys.get(key_id).method}
+
+    async def _reencrypt_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.reencryption.status()
+
+    async def _reencrypt_suspend(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self.reencryption.suspend()
+        return self.reencryption.status()
+
+    async def _reencrypt_resume(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self.reencryption.resume()
+        return self.reencryption.status()
+
+    async def _reencrypt_rate(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            rate = float(request["rate_mb"])
+            if rate < 0 or rate != rate:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise TdefsError("the rate is a number of MB/s, 0 for no limit") from None
+        await self.reencryption.set_rate(rate)
+        return self.reencryption.status()
 
     async def _master_key_rotate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Re-seal keys.dict under the master key the request carries (a key file's path
@@ -374,7 +409,9 @@ def serve(req: MountRequest, on_ready: Any = None) -> None:
     try:
         if req.rotation_period_days is not None:
             vault.options["rotation_period_days"] = req.rotation_period_days
-        daemon = _Daemon(req, vault, on_ready)
+        reencryptor = Reencryptor(vault)
+        reencryptor.recover()  # what a crash left half done, before anything is served
+        daemon = _Daemon(req, vault, reencryptor, on_ready)
         try:
             pyfuse3.init(daemon.fs, str(req.mountpoint), _options(req))
         except RuntimeError as exc:

@@ -22,6 +22,8 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -30,6 +32,7 @@ import trio
 from encfs import content, entry_copy
 from encfs.vault import META_DIR, Vault
 from mount.inodes import ROOT_INODE, Inode, InodeTable, join, parent_of
+from mount.tree_gate import TreeGate
 
 log = logging.getLogger("tdefs.mount")
 
@@ -89,12 +92,32 @@ def _fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
 
 
-class _Handle:
-    __slots__ = ("fd", "inode")
+def _changes_names(fn: F) -> F:
+    """The handler changes names (or opens by name): it passes the tree gate shared,
+    so it never runs while re-encryption puts a new copy of a file in place."""
 
-    def __init__(self, fd: int, inode: Inode) -> None:
+    @functools.wraps(fn)
+    async def handler(self: VaultFS, *args: Any) -> Any:
+        async with self.gate.shared():
+            return await fn(self, *args)
+
+    return handler  # type: ignore[return-value]
+
+
+class _Handle:
+    __slots__ = ("fd", "inode", "flags")
+
+    def __init__(self, fd: int, inode: Inode, flags: int) -> None:
         self.fd = fd
         self.inode = inode
+        self.flags = flags  # how the backing file was opened, to open its successor
+
+
+@dataclass
+class Conversion:
+    """A file being copied by re-encryption: did anything change it meanwhile?"""
+
+    dirty: bool = False
 
 
 class _DirHandle:
@@ -128,6 +151,9 @@ class VaultFS(pyfuse3.Operations):
         self._next_dir_fh = 1
         self._is_root = os.geteuid() == 0
         self._in_flight = 0  # requests being handled now
+        self.gate = TreeGate()
+        # backing inode number -> its conversion, for files re-encryption is copying
+        self._converting: dict[int, Conversion] = {}
         # path -> {"path", "errno", "count", "first", "last"}: write-backs that failed
         self.write_failures: dict[str, dict[str, Any]] = {}
 
@@ -226,12 +252,12 @@ class VaultFS(pyfuse3.Operations):
             # pages through this handle will fail, as they would without a cache
             return opener((flags & ~os.O_ACCMODE) | os.O_WRONLY)
 
-    def _add_handle(self, inode: Inode, fd: int, cipher: Any) -> pyfuse3.FileInfo:
+    def _add_handle(self, inode: Inode, fd: int, cipher: Any, flags: int) -> pyfuse3.FileInfo:
         inode.fds.add(fd)
         inode.cipher = cipher
         if inode.lock is None:
             inode.lock = trio.Lock()
-        self._handles[fd] = _Handle(fd, inode)
+        self._handles[fd] = _Handle(fd, inode, flags)
         # the page cache stays valid across opens: all writes come through us
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
@@ -279,6 +305,83 @@ class VaultFS(pyfuse3.Operations):
                                                 "first": now}
         seen["count"] += 1
         seen["last"] = now
+
+    # ---------------------------------------------------- re-encryption's part
+
+    def watch(self, backing_ino: int) -> Conversion:
+        """Start noting changes to the file whose backing inode is ``backing_ino``."""
+        conversion = self._converting[backing_ino] = Conversion()
+        return conversion
+
+    def unwatch(self, backing_ino: int) -> None:
+        self._converting.pop(backing_ino, None)
+
+    def _touched(self, inode: Inode) -> None:
+        """Its contents or size change: a copy of it being made is out of date."""
+        if self._converting and inode.backing_ino is not None:
+            conversion = self._converting.get(inode.backing_ino)
+            if conversion is not None:
+                conversion.dirty = True
+
+    async def swap_backing(self, conversion: Conversion, old_ino: int, new_ino: int,
+                           first: bytes, new_cipher: Any, check: Callable[[], bool],
+                           switch: Callable[[], Any]) -> tuple[bool, Any]:
+        """Put the new backing file ``new_ino`` (a re-encrypted copy) in place of
+        ``old_ino`` under all its names, invisibly: no name changes meanwhile (the
+        tree gate), no write or truncation of the file (its lock), no read in a worker
+        thread (drained); then ``switch()`` renames, and the FUSE inode number, the
+        open handles (same descriptors, now on the new file) and the cipher follow.
+        Does nothing, returning (False, None), if the file changed while it was copied
+        or ``check()`` says its names moved."""
+        async with self.gate.exclusive(), AsyncExitStack() as stack:
+            fuse_ino = self.inodes.fuse_ino_of(old_ino)
+            node = self.inodes.find(fuse_ino) if fuse_ino is not None else None
+            if node is not None:
+                if node.lock is None:
+                    node.lock = trio.Lock()
+                await stack.enter_async_context(node.lock)
+            if conversion.dirty or not await trio.to_thread.run_sync(check):
+                return False, None
+            if node is not None:
+                node.swap = trio.Event()
+                stack.callback(self._swap_done, node)
+                while node.thread_reads:
+                    node.drained = trio.Event()
+                    await node.drained.wait()
+                node.drained = None
+            if fuse_ino is not None:
+                self.inodes.alias(new_ino, fuse_ino)  # lookups meanwhile find the same inode
+            try:
+                result = await trio.to_thread.run_sync(switch)
+            except BaseException:
+                if fuse_ino is not None and not self._leads_to(first, new_ino):
+                    self.inodes.unalias(new_ino, fuse_ino)
+                raise
+            if fuse_ino is not None:
+                self.inodes.moved(old_ino, new_ino, fuse_ino)
+            if node is not None and node.fds:
+                for fd in list(node.fds):
+                    h = self._handles.get(fd)
+                    flags = h.flags if h is not None else os.O_RDWR | os.O_CLOEXEC
+                    successor = self.tree.open(first, flags | os.O_NOFOLLOW)
+                    try:
+                        os.dup2(successor, fd, inheritable=False)
+                    finally:
+                        os.close(successor)
+                node.cipher = new_cipher
+            return True, result
+
+    @staticmethod
+    def _swap_done(node: Inode) -> None:
+        event, node.swap = node.swap, None
+        if event is not None:
+            event.set()
+
+    def _leads_to(self, rel: bytes, backing_ino: int) -> bool:
+        try:
+            return self.tree.lstat(rel).st_ino == backing_ino
+        except OSError:
+            return False
 
     # ------------------------------------------------------------------ names
 
@@ -363,7 +466,8 @@ class VaultFS(pyfuse3.Operations):
     async def _truncate(self, node: Inode, fd: int | None, length: int) -> None:
         if node.lock is None:
             node.lock = trio.Lock()
-        async with node.lock:
+        async with self.gate.shared(), node.lock:
+            self._touched(node)
             if length == 0 and node.paths:
                 # a file rewritten from scratch gets a fresh IV: no keystream reuse
                 rel = node.any_path()
@@ -432,6 +536,7 @@ class VaultFS(pyfuse3.Operations):
         await self._io(self.tree.fsync_dir, d.inode.any_path())
 
     @_answer_errors
+    @_changes_names
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
@@ -440,12 +545,14 @@ class VaultFS(pyfuse3.Operations):
         return self._learn(rel, self.tree.lstat(rel), fresh=True)
 
     @_answer_errors
+    @_changes_names
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         rel = self._child(parent_inode, name)
         self.tree.rmdir(rel)
         self.inodes.removed(rel, gone=True)
 
     @_answer_errors
+    @_changes_names
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         rel = self._child(parent_inode, name)
         st = self.tree.lstat(rel)
@@ -455,6 +562,7 @@ class VaultFS(pyfuse3.Operations):
         self.inodes.removed(rel, gone=st.st_nlink <= 1)
 
     @_answer_errors
+    @_changes_names
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         src = self._child(parent_inode_old, name_old)
@@ -476,6 +584,7 @@ class VaultFS(pyfuse3.Operations):
             self.inodes.renamed(src, dst, dst_gone, src_dir)
 
     @_answer_errors
+    @_changes_names
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.inodes.get(inode)
@@ -485,6 +594,7 @@ class VaultFS(pyfuse3.Operations):
         return self._learn(dst, self.tree.lstat(dst))
 
     @_answer_errors
+    @_changes_names
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
@@ -493,6 +603,7 @@ class VaultFS(pyfuse3.Operations):
         return self._learn(rel, self.tree.lstat(rel), fresh=True)
 
     @_answer_errors
+    @_changes_names
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
@@ -511,24 +622,30 @@ class VaultFS(pyfuse3.Operations):
     # ----------------------------------------------------------------- contents
 
     @_answer_errors
+    @_changes_names
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self.inodes.get(inode)
-        fd = self._open_backing(node, self._backing_flags(flags))
+        return await self._open(self.inodes.get(inode), flags)
+
+    async def _open(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
+        backing_flags = self._backing_flags(flags)
+        fd = self._open_backing(node, backing_flags)
         try:
             cipher = node.cipher if node.fds else self._cipher(node)
             if flags & os.O_TRUNC and node.paths:
                 if node.lock is None:
                     node.lock = trio.Lock()
                 async with node.lock:
+                    self._touched(node)
                     cipher = await self._io(self.vault.truncate_to_zero, node.any_path(), fd)
             elif flags & os.O_ACCMODE != os.O_RDONLY and node.paths:
                 self.vault.align_copy(node.any_path(), fd)
-            return self._add_handle(node, fd, cipher)
+            return self._add_handle(node, fd, cipher, backing_flags)
         except BaseException:
             os.close(fd)
             raise
 
     @_answer_errors
+    @_changes_names
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         rel = self._child(parent_inode, name)
@@ -537,22 +654,22 @@ class VaultFS(pyfuse3.Operations):
             if flags & os.O_EXCL:
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
             entry = self._learn(rel, self.tree.lstat(rel))
-            return await self.open(entry.st_ino, flags, ctx), entry
+            return await self._open(self.inodes.get(entry.st_ino), flags), entry
+        backing_flags = self._backing_flags(flags)
         try:
-            fd, cipher = await self._io(self.vault.create, rel,
-                                        self._backing_flags(flags) | os.O_EXCL,
+            fd, cipher = await self._io(self.vault.create, rel, backing_flags | os.O_EXCL,
                                         stat.S_IMODE(mode))
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
             # another opener created it first: open it as open(2) would
             entry = self._learn(rel, self.tree.lstat(rel))
-            return await self.open(entry.st_ino, flags, ctx), entry
+            return await self._open(self.inodes.get(entry.st_ino), flags), entry
         try:
             self._give_to_caller(rel, ctx, fd)
             st = os.fstat(fd)
             inode = self.inodes.remember(rel, st, fresh=True)
-            info = self._add_handle(inode, fd, cipher)
+            info = self._add_handle(inode, fd, cipher, backing_flags)
         except BaseException:
             os.close(fd)
             raise
@@ -562,8 +679,18 @@ class VaultFS(pyfuse3.Operations):
     @_answer_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
-        return await self._io(content.read_at, h.fd, h.inode.cipher, size, off,
-                              slow=size >= THREAD_IO_BYTES)
+        inode = h.inode
+        if inode.swap is not None:
+            await inode.swap.wait()  # its backing file is being replaced
+        if size < THREAD_IO_BYTES or self._in_flight <= 1:
+            return content.read_at(h.fd, inode.cipher, size, off)
+        inode.thread_reads += 1
+        try:
+            return await trio.to_thread.run_sync(content.read_at, h.fd, inode.cipher, size, off)
+        finally:
+            inode.thread_reads -= 1
+            if not inode.thread_reads and inode.drained is not None:
+                inode.drained.set()
 
     @_answer_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -578,6 +705,7 @@ class VaultFS(pyfuse3.Operations):
         try:
             inode.written = True
             inode.unsynced += len(buf)
+            self._touched(inode)
             return await self._io(content.write_at, h.fd, inode.cipher, buf, off,
                                   slow=len(buf) >= THREAD_IO_BYTES)
         except OSError as exc:
@@ -591,6 +719,7 @@ class VaultFS(pyfuse3.Operations):
         h = self._handle(fh)
         inode = h.inode
         async with inode.lock:
+            self._touched(inode)
             await self._long(content.fallocate, h.fd, inode.cipher, mode, offset, length)
 
     def _restore_mtime(self, inode: Inode, fd: int) -> None:

@@ -29,7 +29,8 @@ class Inode:
     """One file as the kernel knows it."""
 
     __slots__ = ("ino", "backing_ino", "paths", "lookups", "fds", "cipher", "lock",
-                 "mtime_ns", "written", "last_st", "no_capability", "unsynced")
+                 "mtime_ns", "written", "last_st", "no_capability", "unsynced", "swap",
+                 "thread_reads", "drained")
 
     def __init__(self, ino: int, backing_ino: int | None) -> None:
         self.ino = ino
@@ -47,6 +48,12 @@ class Inode:
         self.last_st: os.stat_result | None = None  # as last told to the kernel
         self.no_capability = False  # known to have no security.capability attribute
         self.unsynced = 0  # bytes written through the mount since the last fsync
+        # re-encryption replacing the backing file: set while it does (reads and
+        # opens wait for it), with the count of reads running in worker threads and
+        # the event that says they are all done
+        self.swap: Any = None
+        self.thread_reads = 0
+        self.drained: Any = None
 
     def any_path(self) -> bytes:
         """A backing-relative path of this inode; FileNotFoundError when it has none."""
@@ -108,6 +115,31 @@ class InodeTable:
             inode.paths.add(rel)
             self._by_path[rel] = inode
         return inode
+
+    def find(self, ino: int) -> Inode | None:
+        return self._inodes.get(ino)
+
+    def fuse_ino_of(self, backing_ino: int) -> int | None:
+        """The FUSE inode number given to a backing inode, if it was given one."""
+        return self._ino_of_backing.get(backing_ino)
+
+    def alias(self, backing_ino: int, ino: int) -> None:
+        """A second backing inode (a re-encrypted copy about to take the file's place)
+        stands for FUSE inode ``ino`` too."""
+        self._ino_of_backing[backing_ino] = ino
+
+    def unalias(self, backing_ino: int, ino: int) -> None:
+        if self._ino_of_backing.get(backing_ino) == ino:
+            del self._ino_of_backing[backing_ino]
+
+    def moved(self, old_backing: int, new_backing: int, ino: int) -> None:
+        """FUSE inode ``ino`` now lives in backing inode ``new_backing``: st_ino seen
+        through the mount does not change."""
+        self.unalias(old_backing, ino)
+        self._ino_of_backing[new_backing] = ino
+        inode = self._inodes.get(ino)
+        if inode is not None:
+            inode.backing_ino = new_backing
 
     def release_if_unused(self, inode: Inode) -> None:
         if inode.lookups > 0 or inode.fds or inode.ino == ROOT_INODE:

@@ -365,6 +365,7 @@ class Row:
     factor: float = 0.0           # tdefs must reach factor x that peer
     note: str = ""
     limit: float | None = None    # lower is better, and tdefs must stay at or under this
+    floor: float | None = None    # higher is better, and tdefs must reach this itself
 
     @property
     def lower_is_better(self) -> bool:
@@ -391,6 +392,12 @@ ROWS = (
     Row("write_at_1g_alloc", "KiB", limit=8.0),
     Row("stat_while_copy_p99", "ms", limit=5.0),
     Row("stat_while_copy_max", "ms"),
+    Row("copy_in", "MB/s"),
+    Row("reencrypt", "MB/s"),
+    Row("reencrypt_vs_copy", "x", floor=0.5),
+    Row("write_alone", "MB/s"),
+    Row("write_during_reencrypt", "MB/s"),
+    Row("write_slowdown", "%", limit=25.0),
 )
 RSS_ROW = "daemon_peak_rss"
 ROW_BY_NAME = {row.name: row for row in ROWS}
@@ -645,6 +652,81 @@ def sparse_workloads(ctx: Context) -> None:
     os.unlink(other)
 
 
+REENCRYPT_FILES = 16
+FOREGROUND_RATE_MB = 50
+
+
+def reencrypt_workloads(ctx: Context) -> None:
+    """tdefs only. Copy seq_bytes in REENCRYPT_FILES files through the mount (re-
+    encryption suspended), then rotate the key and time re-encryption of all of them
+    at no rate limit: reencrypt_vs_copy compares the two rates. Then write seq_bytes / 4
+    sequentially, once with re-encryption suspended and once while it runs at
+    FOREGROUND_RATE_MB MB/s after another rotation: write_slowdown."""
+    target = ctx.target
+    if not isinstance(target, TdefsTarget):
+        return
+    mnt = target.mountpoint
+
+    def tdefs(*args: str) -> dict:
+        out = subprocess.run([*TDEFS, *args, "--json"] if args[0] == "reencrypt" else
+                             [*TDEFS, *args], env=target.env, capture_output=True, text=True,
+                             timeout=120)
+        if out.returncode != 0:
+            raise BenchError(f"tdefs {' '.join(args)}: {out.stderr.strip()}")
+        return json.loads(out.stdout) if args[0] == "reencrypt" else {}
+
+    def wait_done(timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (st := tdefs("reencrypt", "status", str(mnt)))["state"] != "done":
+            if time.monotonic() > deadline:
+                raise BenchError(f"re-encryption did not finish in {timeout:.0f} s: {st}")
+            time.sleep(0.05)
+
+    block = ctx.rng.randbytes(SEQ_BLOCK)
+    size = ctx.sizes.seq_bytes // REENCRYPT_FILES
+    tdefs("reencrypt", "suspend", str(mnt))
+    top = ctx.dir / "reencrypt"
+    top.mkdir()
+    with Stopwatch() as sw:
+        for i in range(REENCRYPT_FILES):
+            write_file(top / f"f{i:02d}", size, block)
+    total = size * REENCRYPT_FILES
+    ctx.results["copy_in"] = total / 1e6 / sw.elapsed
+    tdefs("keys", "rotate", str(mnt))
+    tdefs("reencrypt", "rate", str(mnt), "0")
+    os.sync()
+    start = time.perf_counter()
+    tdefs("reencrypt", "resume", str(mnt))
+    wait_done(600)
+    ctx.results["reencrypt"] = total / 1e6 / (time.perf_counter() - start)
+    ctx.results["reencrypt_vs_copy"] = ctx.results["reencrypt"] / ctx.results["copy_in"]
+
+    fg = ctx.sizes.seq_bytes // 4
+    tdefs("reencrypt", "suspend", str(mnt))
+    tdefs("keys", "rotate", str(mnt))
+    with Stopwatch() as sw:
+        write_file(ctx.dir / "fg-alone", fg, block)
+    ctx.results["write_alone"] = fg / 1e6 / sw.elapsed
+    tdefs("reencrypt", "rate", str(mnt), str(FOREGROUND_RATE_MB))
+    tdefs("reencrypt", "resume", str(mnt))
+    deadline = time.monotonic() + 30
+    while (st := tdefs("reencrypt", "status", str(mnt)))["current"] is None:
+        if st["state"] == "done" or time.monotonic() > deadline:
+            raise BenchError(f"re-encryption was not under way for the foreground write: {st}")
+        time.sleep(0.01)  # until a copy is under way
+    with Stopwatch() as sw:
+        write_file(ctx.dir / "fg-during", fg, block)
+    ctx.results["write_during_reencrypt"] = fg / 1e6 / sw.elapsed
+    ctx.results["write_slowdown"] = max(
+        0.0, 100 * (1 - ctx.results["write_during_reencrypt"] / ctx.results["write_alone"]))
+    tdefs("reencrypt", "suspend", str(mnt))
+    shutil.rmtree(top)
+    for name in ("fg-alone", "fg-during"):
+        os.unlink(ctx.dir / name)
+    tdefs("reencrypt", "rate", str(mnt), "16")
+    tdefs("reencrypt", "resume", str(mnt))
+
+
 def rocksdb_workloads(ctx: Context) -> None:
     try:
         from rocksdict import Options, Rdict, WriteOptions
@@ -686,6 +768,9 @@ WORKLOADS: dict[str, tuple[Callable[[Context], None], tuple[str, ...]]] = {
     "sparse": (sparse_workloads, ("truncate_1g", "truncate_1g_alloc", "write_at_1g",
                                   "write_at_1g_alloc", "stat_while_copy_p99",
                                   "stat_while_copy_max")),
+    "reencrypt": (reencrypt_workloads, ("copy_in", "reencrypt", "reencrypt_vs_copy",
+                                        "write_alone", "write_during_reencrypt",
+                                        "write_slowdown")),
 }
 
 
@@ -707,12 +792,14 @@ def fmt_ratio(a: float | None, b: float | None) -> str:
 
 def verdict(row: Row, results: dict[str, dict[str, float]]) -> tuple[str, str]:
     """(target text, PASS/MISS/n/a) for one row."""
-    if row.lower_is_better:
+    if row.lower_is_better or row.floor is not None:
         mine = results.get("tdefs", {}).get(row.name)
-        goal = f"<= {row.limit:g} {row.unit}"
+        goal = (f"<= {row.limit:g} {row.unit}" if row.lower_is_better
+                else f">= {row.floor:g} {row.unit}")
         if mine is None:
             return goal, "n/a"
-        return goal, "PASS" if mine <= row.limit else "MISS"
+        met = mine <= row.limit if row.lower_is_better else mine >= row.floor  # type: ignore[operator]
+        return goal, "PASS" if met else "MISS"
     if row.versus is None:
         return "-", ""
     goal = f">= {row.factor:g} x {row.versus}"

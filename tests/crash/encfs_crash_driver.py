@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from encfs import content  # noqa: E402
 from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2  # noqa: E402
 from encfs.masterkey import MasterKeySource  # noqa: E402
+from encfs.reencrypt import Reencryptor  # noqa: E402
 from encfs.vault import INIT_DIR, META_DIR, Vault  # noqa: E402
 
 State = dict[str, bytes]
@@ -99,6 +100,32 @@ def _setup_rewrite(vault: Vault) -> tuple[State, State]:
     return state, dict(state)
 
 
+def _setup_reencrypt(vault: Vault) -> tuple[State, State]:
+    """Files under key 1 (one of them with two names, one sparse), a file from before
+    the vault (no entry), then a new active key: all of them are to be rewritten."""
+    state = _files(vault, {"a": A, "keep": K, "h1": B})
+    vault.link(b"h1", b"h2")
+    state["h2"] = B
+    fd, cipher = vault.create(b"sparse", os.O_RDWR | os.O_CLOEXEC, 0o644)
+    try:
+        content.write_at(fd, cipher, b"end", 300_000)
+    finally:
+        os.close(fd)
+    state["sparse"] = bytes(300_000) + b"end"
+    (vault.root / "legacy").write_bytes(b"from before the vault " * 20)
+    state["legacy"] = b"from before the vault " * 20
+    vault.keys.rotate()
+    return state, dict(state)
+
+
+def reencrypt_all(vault: Vault) -> None:
+    """What the daemon's re-encryption does, without a mount: every file, in turn."""
+    reencryptor = Reencryptor(vault)
+    reencryptor.recover()
+    for job in reencryptor.pending():
+        reencryptor.switch(reencryptor.copy(job))
+
+
 SCENARIOS: dict[str, Scenario] = {
     "create": Scenario(
         _setup_with({"keep": K}, {"keep": K, "new": b""}),
@@ -147,6 +174,7 @@ SCENARIOS: dict[str, Scenario] = {
         _setup_with({"a": A, "keep": K}, {"a": A, "keep": K}),
         lambda v: v.keys.rotate(),
     ),
+    "reencrypt": Scenario(_setup_reencrypt, reencrypt_all),
     # master key rotation; the new key file is the old one's name + ".new"
     "reseal": Scenario(
         _setup_with({"a": A, "keep": K}, {"a": A, "keep": K}),

@@ -29,6 +29,7 @@ import pytest
 from encfs.errors import WrongMasterKey
 from encfs.failpoints import CRASH_EXIT_CODE, FAILPOINTS
 from encfs.masterkey import MasterKeySource, generate_key_file
+from encfs.reencrypt import Reencryptor
 from encfs.vault import Vault
 
 DRIVER = Path(__file__).with_name("encfs_crash_driver.py")
@@ -44,6 +45,10 @@ _RENAME = ("rename.after-intent", "rename.after-rename", "rename.after-commit")
 _APPEND = ("dict.append.mid-write", "dict.append.after-write")
 _REWRITE = ("dict.rewrite.mid-tmp", "dict.rewrite.after-tmp", "dict.rewrite.after-rename")
 _KEYS = ("keys.replace.mid-tmp", "keys.replace.after-tmp", "keys.replace.after-rename")
+_REENCRYPT = ("reencrypt.after-start", "reencrypt.mid-copy", "reencrypt.after-copy",
+              "reencrypt.after-first-name", "reencrypt.mid-links", "reencrypt.after-switch",
+              "reencrypt.state.mid-tmp", "reencrypt.state.after-tmp",
+              "reencrypt.state.after-rename")
 
 # (scenario, failpoint spec); "@2" tears or stops at the second hit (e.g. the COMMIT
 # record of a rename, whose first record is the intent)
@@ -70,6 +75,10 @@ CASES: list[tuple[str, str]] = [
     *[("rewrite", f) for f in _REWRITE],
     *[("rotate", f) for f in _KEYS],
     *[("reseal", f) for f in _KEYS],
+    *[("reencrypt", f) for f in _REENCRYPT],
+    ("reencrypt", "reencrypt.mid-copy=crash@2"),
+    ("reencrypt", "rename.after-intent=crash@2"),
+    ("reencrypt", "rename.after-rename=crash@3"),
     ("init", "init.before-publish"),
     *[("init", f) for f in _KEYS],
 ]
@@ -161,6 +170,39 @@ def test_crash_at_failpoint(tmp_path, scenario, spec, durability):
         except WrongMasterKey:
             source = MasterKeySource.key_file(f"{key}.new")
     _check_recovered(backing, source, before, after)
+    if scenario == "reencrypt":
+        _check_reencryption_resumes(backing, source, before)
+
+
+def _check_reencryption_resumes(backing: Path, source: MasterKeySource, state: dict) -> None:
+    """After a crash inside re-encryption: its own recovery leaves no copy behind and
+    the hard-linked pair linked again; then it finishes, every file under the active
+    key (its per-file copy too), the old key retired, the tree unchanged."""
+    with Vault.open(backing, source) as vault:
+        reencryptor = Reencryptor(vault)
+        reencryptor.recover()
+        assert not list((backing / ".tdefs" / "tmp").glob("*")), "a copy was left behind"
+        assert os.stat(backing / "h1").st_ino == os.stat(backing / "h2").st_ino
+        for rel in state:  # each per-file copy in step with the dictionary, mid-way too
+            fd = os.open(backing / rel, os.O_RDONLY)
+            try:
+                assert vault.copies.read(fd) == vault.files.get(rel.encode()), rel
+            finally:
+                os.close(fd)
+        driver.reencrypt_all(vault)
+        assert reencryptor.pending() == [] and Reencryptor(vault).pending() == []
+        active = vault.keys.active_id
+        for rel in state:
+            info = vault.files.get(rel.encode())
+            assert info is not None and info.key_id == active, f"{rel} is not under the active key"
+            fd = os.open(backing / rel, os.O_RDONLY)
+            try:
+                assert vault.copies.read(fd) == info, f"{rel}: its per-file copy lags"
+            finally:
+                os.close(fd)
+        assert list(vault.keys.keys) == [active], "the old key was not retired"
+        assert os.stat(backing / "h1").st_ino == os.stat(backing / "h2").st_ino
+        assert driver.read_tree(vault) == {**state, "afterwards": b"still works" * 10}
 
 
 # failpoints of the vault operations and of the log, hit at a random count

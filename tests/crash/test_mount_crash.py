@@ -128,6 +128,8 @@ REACHED_BY = {
 # failpoint name prefix -> why nothing done through a mount reaches it
 UNREACHABLE = {
     "init.": "vault creation (`tdefs init`) runs before any mount",
+    "reencrypt.": "the daemon's background re-encryption reaches these, not a request:"
+                  " tests/crash/test_mount_reencrypt_crash.py kills it at each of them",
 }
 # these points fire on the dictionary's snapshot rewrite: start from a log on the brink
 NEEDS_FULL_LOG = ("dict.rewrite.",)

@@ -80,6 +80,23 @@ def test_sparse_rows_judge_tdefs_against_their_limits(tmp_path: Path) -> None:
     assert rows["truncate_1g_alloc"]["tdefs"] <= 8 and rows["write_at_1g_alloc"]["tdefs"] <= 8
 
 
+def test_reencrypt_rows_measure_tdefs_alone(tmp_path: Path) -> None:
+    require_fuse()
+    env = {k: v for k, v in os.environ.items() if k != "TDEFS_FAILPOINTS"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--size", "64M", "--only", "reencrypt",
+         "--dir", str(tmp_path), "--json", str(tmp_path / "result.json")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["workload"]: r for r in json.loads((tmp_path / "result.json").read_text())["rows"]}
+    assert rows["reencrypt_vs_copy"]["target"] == ">= 0.5 x"
+    assert rows["write_slowdown"]["target"] == "<= 25 %"
+    for name in ("copy_in", "reencrypt", "write_alone", "write_during_reencrypt"):
+        assert rows[name]["tdefs"] > 0 and rows[name]["raw"] is None, rows[name]
+    assert rows["reencrypt_vs_copy"]["tdefs"] == pytest.approx(
+        rows["reencrypt"]["tdefs"] / rows["copy_in"]["tdefs"], rel=0.01)
+
+
 def test_bench_refuses_bad_options(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(BENCH), "--only", "nonsense"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VaultPaths, make_vault, mounted_at, require_fuse
+from conftest import VaultPaths, make_vault, mounted_at, require_fuse, run_tdefs
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +239,10 @@ def test_files_that_predate_the_vault_read_as_plaintext(tmp_path: Path) -> None:
     v = make_vault(tmp_path)
     (v.backing / "old").mkdir()
     (v.backing / "old" / "legacy.txt").write_bytes(b"written before encryption")
+    (v.backing / "old" / "other.txt").write_bytes(b"also from before")
+    # re-encryption suspended (its state file, as vault-format.md describes it), so
+    # the files stay as they are until it is resumed
+    (v.backing / ".tdefs" / "reencrypt.json").write_text('{"running": false}')
     with mounted_at(v):
         legacy = v.mountpoint / "old" / "legacy.txt"
         assert legacy.read_bytes() == b"written before encryption"
@@ -250,6 +254,12 @@ def test_files_that_predate_the_vault_read_as_plaintext(tmp_path: Path) -> None:
         legacy.write_bytes(b"rewritten from scratch")  # O_TRUNC: encrypted from now on
         assert legacy.read_bytes() == b"rewritten from scratch"
         assert (v.backing / "old" / "legacy.txt").read_bytes() != b"rewritten from scratch"
+        assert (v.backing / "old" / "other.txt").read_bytes() == b"also from before"
+        # re-encryption converts the others
+        run_tdefs("reencrypt", "resume", v.mountpoint)
+        run_tdefs("reencrypt", "wait", v.mountpoint, timeout=60)
+        assert (v.backing / "old" / "other.txt").read_bytes() != b"also from before"
+        assert (v.mountpoint / "old" / "other.txt").read_bytes() == b"also from before"
 
 
 def test_remount_reads_everything_back(tmp_path: Path) -> None:

@@ -100,8 +100,8 @@ def test_keys_list_and_rotate(initialised, capsys):
     write(backing, key, {"a": b"A" * 1000, "b": b"B" * 24})
     code, out, _ = run(capsys, "keys", "rotate", str(backing), "--key-file", str(key))
     assert code == 0
-    assert out == ("new active data key 2 (aes-256-ctr); files using older keys keep them"
-                   " until rewritten\n")
+    assert out == ("new active data key 2 (aes-256-ctr); files under older keys: the next"
+                   " mount's re-encryption rewrites them\n")
     write(backing, key, {"c": b"C" * 5})
     with Vault.open(backing, MasterKeySource.key_file(key)) as v:
         v.link(b"c", b"c2")  # two entries, one file

@@ -212,3 +212,41 @@ def test_atomic_replace_and_fsync_dir(tmp_path):
     assert oct(target.stat().st_mode & 0o777) == oct(0o600)
     assert not (tmp_path / "meta.tmp").exists()
     fsync_dir(tmp_path)
+
+
+OTHER = FileCipher("sm4-ctr", bytes(range(100, 116)), bytes(range(50, 66)))
+
+
+@pytest.mark.parametrize("size", [0, 5, 4096, 3 * 4096 + 17, 40 * 4096, 40 * 4096 + 1])
+@pytest.mark.parametrize("source", ["encrypted", "plaintext"])
+def test_copy_reencrypted_keeps_contents_and_holes(tmp_path, size, source):
+    src_cipher = CIPHER if source == "encrypted" else PLAINTEXT
+    src = os.open(tmp_path / "src", os.O_RDWR | os.O_CREAT, 0o600)
+    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        plain = bytearray(size)
+        for off in (0, 2 * 4096 + 5, 20 * 4096, size - 3):
+            if 0 <= off < size:
+                data = os.urandom(min(3000, size - off))
+                plain[off:off + len(data)] = data
+        if size:
+            content.write_at(src, src_cipher, bytes(plain), 0)
+        content.truncate(src, src_cipher, size)
+        paced = []
+        written = content.copy_reencrypted(src, src_cipher, dst, OTHER, size, paced.append)
+        assert written == sum(paced) and written <= size
+        assert os.fstat(dst).st_size == size
+        assert content.read_at(dst, OTHER, size + 10, 0) == bytes(plain)
+        raw = _raw(dst)
+        cipher = OTHER.apply(bytes(plain), 0)
+        for start in range(0, size, 4096):
+            block = raw[start:start + 4096]
+            if len(block) == 4096 and block == bytes(4096):
+                assert plain[start:start + 4096] == bytes(4096)
+            else:
+                assert block == cipher[start:start + 4096]
+        if size >= 40 * 4096:
+            assert os.fstat(dst).st_blocks * 512 < size // 2  # the holes stayed holes
+    finally:
+        os.close(src)
+        os.close(dst)
