@@ -42,7 +42,9 @@ class Reencryption:
     # -- commands ----------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Something changed (a rotation, a resume, a new rate): plan again."""
+        """Something changed (a rotation, a resume, a new rate): plan again. Until the
+        new plan is made, status says "planning" (so `wait` does not stop early)."""
+        self.planned = False
         self._wake.set()
 
     def stop(self) -> None:
