@@ -4,13 +4,10 @@ group. Every error a user can cause is printed as one line with a non-zero exit.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from encfs.errors import TdefsError
-
-# subcommand group -> module that provides register(subparsers)
-_COMMAND_MODULES = ("mount.cmd_vault", "mount.cmd_mount", "mount.cmd_reencrypt")
+from mount import cmd_mount, cmd_reencrypt, cmd_vault
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,14 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+    for group in (cmd_vault, cmd_mount, cmd_reencrypt):
+        group.register(sub)
     return parser
 
 

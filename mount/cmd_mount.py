@@ -63,7 +63,8 @@ def _days(text: str) -> float:
 
 def _mount(args: argparse.Namespace) -> int:
     # imported here so `tdefs --help` and the offline commands never load pyfuse3
-    from mount.daemon import MountRequest, mount
+    from mount.launch import mount
+    from mount.mount_request import MountRequest
 
     req = MountRequest(backing=args.backing, mountpoint=args.mountpoint,
                        source=source_from_args(args), foreground=args.foreground,
@@ -74,7 +75,7 @@ def _mount(args: argparse.Namespace) -> int:
 
 
 def _umount(args: argparse.Namespace) -> int:
-    from mount.daemon import unmount
+    from mount.launch import unmount
 
     done, failures = unmount(args.mountpoint, lazy=args.lazy)
     if done != "unmounted":
@@ -92,7 +93,8 @@ def _umount(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from mount.daemon import MountError, mount_entry
+    from mount.mount_request import MountError
+    from mount.mount_table import mount_entry
 
     entry = mount_entry(args.mountpoint)
     if entry is None:

@@ -198,10 +198,9 @@ def _fsck(args: argparse.Namespace) -> int:
 
 def _running_mount(path: Path) -> bool:
     """Is `path` the mountpoint of a tdefs mount? (Anything else is a backing directory.)"""
-    from mount.daemon import FSTYPE, mount_entry
+    from mount.mount_table import is_tdefs_mount
 
-    entry = mount_entry(path)
-    return entry is not None and entry[1] == FSTYPE
+    return is_tdefs_mount(path)
 
 
 def _ask_daemon(args: argparse.Namespace, cmd: str, **fields: Any) -> dict[str, Any]:

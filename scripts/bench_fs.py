@@ -30,6 +30,8 @@ from pathlib import Path
 
 import psutil
 
+from mount.mount_table import filesystem_type, is_mounted
+
 REPO = Path(__file__).resolve().parents[1]
 TDEFS = [sys.executable, "-m", "mount.cli"]
 KiB = 1 << 10
@@ -99,27 +101,6 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
-
-
-def is_mounted(mountpoint: Path) -> bool:
-    # resolve the parent only: a stat of a mount whose daemon died fails or hangs
-    target = os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
-
-
-def filesystem_type(path: Path) -> str:
-    """The type of the filesystem holding `path` (longest mount-point prefix wins)."""
-    real = os.path.realpath(path)
-    best, best_type = "", "unknown"
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            point = parts[1].replace("\\040", " ")
-            inside = real == point or real.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):
-                best, best_type = point, parts[2]
-    return best_type
 
 
 def default_base_dir() -> Path:

@@ -21,6 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mount.mount_table import is_mounted  # noqa: F401 - the tests' one way to ask
+
 REPO = Path(__file__).resolve().parents[2]
 TDEFS = [sys.executable, "-m", "mount.cli"]
 _MOUNTPOINTS: set[Path] = set()
@@ -73,14 +75,6 @@ def run_tdefs(*args: str | os.PathLike, env: dict | None = None, check: bool = T
             f"tdefs {' '.join(map(str, args))} exited {proc.returncode}:\n"
             f"{proc.stdout.decode(errors='replace')}{proc.stderr.decode(errors='replace')}")
     return proc
-
-
-def is_mounted(mountpoint: Path) -> bool:
-    # resolve only the parent: stat'ing the mountpoint itself can hang on a stuck daemon
-    target = os.path.join(os.path.realpath(os.path.dirname(mountpoint)),
-                          os.path.basename(mountpoint))
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
 
 
 def daemons_for(mountpoint: Path) -> list[psutil.Process]:

@@ -31,6 +31,7 @@ from conftest import (
 
 from encfs.backing import BackingTree
 from mount.fs import VaultFS
+from mount.mount_table import mount_options
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -299,11 +300,9 @@ def test_foreground_mode_and_ctrl_c(v: VaultPaths) -> None:
 
 
 def _fuse_options(mountpoint: Path) -> set[str]:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if fields[1] == str(mountpoint):
-            return set(fields[3].split(","))
-    raise AssertionError(f"{mountpoint} is not mounted")
+    options = mount_options(mountpoint)
+    assert options is not None, f"{mountpoint} is not mounted"
+    return options
 
 
 def _as_nobody(where: Path, path: str) -> int:

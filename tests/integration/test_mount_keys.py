@@ -28,6 +28,7 @@ from encfs.masterkey import MasterKeySource
 from encfs.reencrypt import Reencryptor
 from encfs.vault import Vault
 from mount import daemon
+from mount.mount_request import MountRequest
 
 HEADER = ["ID", "METHOD", "CREATED", "(UTC)", "ACTIVE", "FILES", "BYTES"]
 NOT_USED = "is a running mount, whose daemon holds the master key: the master key options were not used"
@@ -249,7 +250,7 @@ def test_rotation_task_sleeps_until_due_and_at_most_an_hour(tmp_path: Path, monk
     """No mount: the daemon's rotation task alone, under a fake wall clock."""
     vault = Vault.create(tmp_path / "b", MasterKeySource.plaintext())
     try:
-        req = daemon.MountRequest(backing=tmp_path / "b", mountpoint=tmp_path / "m",
+        req = MountRequest(backing=tmp_path / "b", mountpoint=tmp_path / "m",
                                   source=MasterKeySource.plaintext())
         d = daemon._Daemon(req, vault, Reencryptor(vault), None)
         created = vault.keys.active.created

@@ -1,0 +1,27 @@
+"""What `tdefs mount` is asked to do, and the error of a mount that cannot be made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from encfs.errors import TdefsError
+from encfs.masterkey import MasterKeySource
+
+
+class MountError(TdefsError):
+    """The mount cannot be made, found or removed."""
+
+
+@dataclass
+class MountRequest:
+    backing: Path
+    mountpoint: Path
+    source: MasterKeySource
+    foreground: bool = False
+    allow_other: bool = False
+    log_file: Path | None = None
+    writeback_cache: bool = True
+    xattrs: bool = False
+    # None: the vault's own option (vault.json rotation_period_days); 0: never
+    rotation_period_days: float | None = None
