@@ -337,6 +337,7 @@ class FileDictionary:
         self.generation = 0
         self.records = 0  # records in the current log file
         self.rewrites = 0
+        self.syncs = 0  # fdatasyncs of the log (each may cover many records)
         self._next_txid = 1
         self._prev_mac = b""
         self._size = 0
@@ -469,6 +470,11 @@ class FileDictionary:
         self._size = pos
 
     # -- reading -------------------------------------------------------------------
+
+    @property
+    def records_written(self) -> int:
+        """Records appended since this process opened the log (not the rewrites)."""
+        return self._written
     # Lookups and counts take no lock: each is one operation on a dict, atomic under
     # the GIL, and ``get`` is on the path of every open. Snapshots copy in one call.
 
@@ -666,6 +672,7 @@ class FileDictionary:
             ok = False
             try:
                 os.fdatasync(fd)
+                self.syncs += 1
                 ok = True
             except OSError as exc:
                 self._sync_error = exc

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from encfs.errors import TdefsError
-from mount import cmd_mount, cmd_reencrypt, cmd_vault
+from mount import cmd_mount, cmd_reencrypt, cmd_vault, fstab
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mount"]:
+        try:
+            argv = fstab.expand(argv)  # -o OPTIONS, as in /etc/fstab
+        except fstab.OptionError as exc:
+            parser.error(str(exc))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from encfs.masterkey import add_key_options, source_from_args
+from encfs.errors import TdefsError
 from mount import control
 from mount.cmd_reencrypt import reencrypt_rows
 from mount.cmd_vault import print_keys, utc
+from mount.key_options import add_key_options, source_from_args
+from mount.service import UNIT_DIR, unit_name, unit_text
 
 
 def register(sub: Any) -> None:
@@ -22,6 +24,40 @@ def register(sub: Any) -> None:
     add_key_options(p)
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay attached; log to stderr unless --log is given")
+    p.add_argument("-o", dest="options", metavar="OPTIONS", action="append", default=[],
+                   help="mount options as in /etc/fstab: keyfile=F,allow_other,log=F,..."
+                        " (see README, Running in production)")
+    _add_mount_options(p)
+    p.set_defaults(func=_mount)
+
+    p = sub.add_parser("install-unit", help="write a systemd unit that mounts BACKING on"
+                                            " MOUNTPOINT as a Type=notify service")
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    add_key_options(p)
+    _add_mount_options(p)
+    p.add_argument("--dir", type=Path, default=UNIT_DIR,
+                   help=f"where to write the unit (default {UNIT_DIR})")
+    p.set_defaults(func=_install_unit)
+
+    p = sub.add_parser("umount", help="flush and unmount (also cleans up after a dead daemon)")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--lazy", "-z", action="store_true",
+                   help="detach now even if files are open; the daemon exits when they close")
+    p.set_defaults(func=_umount)
+
+    p = sub.add_parser("status", help="show the state of a running mount")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("metrics", help="print a running mount's metrics (Prometheus format)")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.set_defaults(func=_metrics)
+
+
+def _add_mount_options(p: argparse.ArgumentParser) -> None:
+    """The options of the daemon, shared by `mount` and `install-unit`."""
     p.add_argument("--allow-other", action="store_true",
                    help="let users other than the mounting one use the mount")
     p.add_argument("--log", type=Path, metavar="FILE", help="append the daemon's log to FILE")
@@ -37,18 +73,11 @@ def register(sub: Any) -> None:
                    help="make a new active data key whenever the active one is older than"
                         " DAYS (a fraction is fine; 0: never; default: the vault's"
                         " rotation_period_days, 7)")
-    p.set_defaults(func=_mount)
-
-    p = sub.add_parser("umount", help="flush and unmount (also cleans up after a dead daemon)")
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    p.add_argument("--lazy", "-z", action="store_true",
-                   help="detach now even if files are open; the daemon exits when they close")
-    p.set_defaults(func=_umount)
-
-    p = sub.add_parser("status", help="show the state of a running mount")
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
-    p.set_defaults(func=_status)
+    p.add_argument("--metrics-listen", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics over HTTP there (HOST: 127.0.0.1)")
+    p.add_argument("--metrics-file", type=Path, metavar="FILE",
+                   help="rewrite FILE with the metrics every 10 s (node_exporter's"
+                        " textfile collector)")
 
 
 def _days(text: str) -> float:
@@ -70,8 +99,55 @@ def _mount(args: argparse.Namespace) -> int:
                        source=source_from_args(args), foreground=args.foreground,
                        allow_other=args.allow_other, log_file=args.log,
                        writeback_cache=not args.no_writeback_cache,
-                       xattrs=args.xattrs, rotation_period_days=args.rotation_period)
+                       xattrs=args.xattrs, rotation_period_days=args.rotation_period,
+                       metrics_listen=args.metrics_listen,
+                       metrics_file=args.metrics_file.absolute() if args.metrics_file else None)
     return mount(req)
+
+
+def _install_unit(args: argparse.Namespace) -> int:
+    """Write the unit; the key is not read now, and must be readable unattended."""
+    if args.key_file:
+        key = ["--key-file", str(Path(args.key_file).absolute())]
+    elif args.passphrase_file:
+        key = ["--passphrase-file", str(Path(args.passphrase_file).absolute())]
+    elif getattr(args, "key_command", None):
+        key = ["--key-command", args.key_command]
+    else:
+        raise TdefsError("a service needs a master key it can read unattended: --key-file,"
+                         " --passphrase-file or --key-command")
+    options = [*key]
+    if args.allow_other:
+        options.append("--allow-other")
+    if args.log:
+        options += ["--log", str(args.log.absolute())]
+    if args.no_writeback_cache:
+        options.append("--no-writeback-cache")
+    if args.xattrs:
+        options.append("--xattrs")
+    if args.rotation_period is not None:
+        options += ["--rotation-period", f"{args.rotation_period:g}"]
+    if args.metrics_listen:
+        options += ["--metrics-listen", args.metrics_listen]
+    if args.metrics_file:
+        options += ["--metrics-file", str(args.metrics_file.absolute())]
+    backing, mountpoint = args.backing.absolute(), args.mountpoint.absolute()
+    tdefs = [str(Path(sys.argv[0]).absolute())] if Path(sys.argv[0]).name == "tdefs" \
+        else [sys.executable, "-m", "mount.cli"]
+    text = unit_text(tdefs, backing, mountpoint, options)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    path = args.dir / unit_name(mountpoint)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"wrote {path}; start it with: systemctl daemon-reload && systemctl enable --now"
+          f" {path.name}")
+    return 0
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    print(control.ask(args.mountpoint, "metrics")["text"], end="")
+    return 0
 
 
 def _umount(args: argparse.Namespace) -> int:
@@ -123,6 +199,9 @@ def _status(args: argparse.Namespace) -> int:
             ("fallocate", "on" if reply["fallocate"] else "off (pyfuse3 lacks the patch)"),
             ("write failures", f"{reply['write_failures']} files (cached writes lost; see"
                                " the log)" if reply["write_failures"] else "none")]
+    problems = reply.get("problems", [])
+    rows.append(("problems", "none" if not problems else f"{len(problems)} lately:"))
+    rows += [("", f"{utc(p['time'])} UTC: {p['what']}") for p in problems]
     for name, value in rows:
         print(f"{name + ':':<16}{value}")
     print()

@@ -17,17 +17,15 @@ from typing import Any
 from encfs.cipher import DEFAULT_METHOD, METHODS
 from encfs.errors import TdefsError
 from encfs.fsck import FsckReport, check
-from encfs.masterkey import (
-    MasterKeySource,
+from encfs.masterkey import MasterKeySource, generate_key_file
+from encfs.vault import FILES_DICT, Vault
+from mount.key_options import (
     add_key_options,
     add_new_key_options,
-    generate_key_file,
+    key_option_given,
     new_source_from_args,
     source_from_args,
 )
-from encfs.vault import FILES_DICT, Vault
-
-_KEY_OPTIONS = ("key_file", "passphrase_file", "passphrase_env", "passphrase", "plaintext_key")
 
 
 def register(sub: Any) -> None:
@@ -206,17 +204,17 @@ def _running_mount(path: Path) -> bool:
 def _ask_daemon(args: argparse.Namespace, cmd: str, **fields: Any) -> dict[str, Any]:
     from mount import control
 
-    if any(getattr(args, name, None) for name in _KEY_OPTIONS):
+    if key_option_given(args):
         print(f"tdefs: warning: {args.path} is a running mount, whose daemon holds the master"
               " key: the master key options were not used", file=sys.stderr)
     return control.ask(args.path, cmd, **fields)
 
 
 def _offline_source(args: argparse.Namespace, command: str) -> MasterKeySource:
-    if not any(getattr(args, name, None) for name in _KEY_OPTIONS):
+    if not key_option_given(args):
         raise TdefsError(f"{args.path} is not a running tdefs mount, so `tdefs {command}` opens it"
                          " as a backing directory and needs its master key: --key-file,"
-                         " --passphrase-file, --passphrase-env or --passphrase")
+                         " --passphrase-file, --passphrase-env, --passphrase or --key-command")
     return source_from_args(args)
 
 

@@ -9,6 +9,8 @@ unmounts and closes the vault.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -25,8 +27,10 @@ from encfs.errors import TdefsError
 from encfs.masterkey import MasterKeySource
 from encfs.reencrypt import Reencryptor
 from encfs.vault import Vault
-from mount import control
+from mount import control, sd_notify
 from mount.fs import VaultFS
+from mount.metrics import FILE_EVERY_S as METRICS_FILE_EVERY_S
+from mount.metrics import Metrics
 from mount.mount_request import MountError, MountRequest
 from mount.mount_table import device_of, fusermount_unmount, is_tdefs_mount, sync_mount
 from mount.reencryption import Reencryption
@@ -38,6 +42,7 @@ log = logging.getLogger("tdefs.daemon")
 FALLOCATE = "fallocate" in getattr(pyfuse3, "TDEFS_PATCHES", ())
 
 READAHEAD_KIB = 512
+PROBLEMS_KEPT = 20
 # the rotation task sleeps until the next rotation is due, but never longer than this
 # at once, so a change of the wall clock is noticed
 ROTATION_SLEEP_MAX_S = 3600.0
@@ -72,7 +77,10 @@ class _Daemon:
         self._initialized = trio.Event()
         self.fs = VaultFS(vault, on_ready=self._initialized.set,
                           writeback_cache=req.writeback_cache, xattrs=req.xattrs)
-        self.reencryption = Reencryption(self.fs, reencryptor)
+        # what went wrong lately, for status (the log has everything)
+        self.problems: collections.deque[dict[str, Any]] = collections.deque(maxlen=PROBLEMS_KEPT)
+        self.reencryption = Reencryption(self.fs, reencryptor, on_problem=self.problem)
+        self.metrics = Metrics(self)
         self.control = control.ControlServer(str(req.mountpoint), {
             "status": self._status,
             "keys.list": self._keys_list,
@@ -83,6 +91,7 @@ class _Daemon:
             "reencrypt.suspend": self._reencrypt_suspend,
             "reencrypt.resume": self._reencrypt_resume,
             "reencrypt.rate": self._reencrypt_rate,
+            "metrics": self._metrics,
         })
 
     async def run(self) -> None:
@@ -92,6 +101,8 @@ class _Daemon:
             nursery.start_soon(self._after_init)
             nursery.start_soon(self._rotate_when_due)
             nursery.start_soon(self.reencryption.run)
+            if self.req.metrics_file is not None:
+                nursery.start_soon(self._write_metrics_file)
             await pyfuse3.main()
             log.info("unmounted %s", self.req.mountpoint)
             self.reencryption.stop()  # a copy in progress ends now; the next open cleans up
@@ -104,11 +115,14 @@ class _Daemon:
         _tune_bdi(self.req.mountpoint)  # after INIT, which resets the readahead
         if self._on_ready is not None:
             self._on_ready()
+        sd_notify.notify("READY=1", f"MAINPID={os.getpid()}",
+                         f"STATUS=serving {self.vault.root} on {self.req.mountpoint}")
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("%s: unmounting", signal.Signals(signum).name)
+                sd_notify.notify("STOPPING=1", f"STATUS=unmounting {self.req.mountpoint}")
                 try:
                     await trio.to_thread.run_sync(self._unmount_self)
                 except Exception:
@@ -163,6 +177,8 @@ class _Daemon:
             except Exception:
                 log.exception("rotating the data key failed; trying again in %.0f s",
                               ROTATION_RETRY_S)
+                self.problem(f"rotating the data key failed (trying again in"
+                             f" {ROTATION_RETRY_S:.0f} s; see the log)")
                 await trio.sleep(ROTATION_RETRY_S)
 
     def _rotate_if_due(self) -> None:
@@ -205,6 +221,7 @@ class _Daemon:
                          "next_due": self._next_rotation(),
                          "last_automatic": self.last_rotation},
             "reencrypt": self.reencryption.status(),
+            "problems": list(self.problems),
         }
 
     async def _write_failures(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -244,9 +261,33 @@ class _Daemon:
         await self.reencryption.set_rate(rate)
         return self.reencryption.status()
 
+    def problem(self, what: str) -> None:
+        """Something failed that an operator should hear of in status, not only in the
+        log (which the caller writes to, with the details)."""
+        self.problems.append({"time": time.time(), "what": what})
+
+    async def _metrics(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"text": self.metrics.text()}
+
+    async def _write_metrics_file(self) -> None:
+        path = self.req.metrics_file
+        assert path is not None
+        try:
+            while True:
+                try:
+                    self.metrics.write_file(path)
+                except OSError as exc:
+                    log.warning("cannot write the metrics to %s: %s", path, exc.strerror)
+                    self.problem(f"cannot write the metrics to {path}: {exc.strerror}")
+                await trio.sleep(METRICS_FILE_EVERY_S)
+        finally:
+            with contextlib.suppress(OSError):
+                self.metrics.write_file(path)  # the last figures, at unmount
+
     async def _master_key_rotate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Re-seal keys.dict under the master key the request carries (a key file's path
-        and content, or a passphrase); the old master key then opens nothing."""
+        and content, a passphrase, or a key command's output); the old master key then
+        opens nothing."""
         old_opens = await trio.to_thread.run_sync(self._reseal, request)
         return {"backing": str(self.vault.root), "old_opens": old_opens}
 
@@ -274,6 +315,12 @@ def serve(req: MountRequest, on_ready: Any = None) -> None:
         reencryptor = Reencryptor(vault)
         reencryptor.recover()  # what a crash left half done, before anything is served
         daemon = _Daemon(req, vault, reencryptor, on_ready)
+        if req.metrics_listen is not None:
+            try:
+                daemon.metrics.listen(req.metrics_listen)
+            except (OSError, ValueError) as exc:
+                raise MountError(f"cannot serve metrics at {req.metrics_listen}:"
+                                 f" {getattr(exc, 'strerror', None) or exc}") from None
         try:
             pyfuse3.init(daemon.fs, str(req.mountpoint), _options(req))
         except RuntimeError as exc:
@@ -282,6 +329,8 @@ def serve(req: MountRequest, on_ready: Any = None) -> None:
         if not FALLOCATE:
             log.warning("this pyfuse3 lacks the fallocate patch (run scripts/setup):"
                         " fallocate(2) on the mount fails with EOPNOTSUPP")
+            daemon.problem("fallocate(2) fails with EOPNOTSUPP: this pyfuse3 lacks the"
+                           " patch (run scripts/setup)")
         if not vault.copies.enabled:
             log.warning("%s keeps no user extended attributes: files carry no copy of"
                         " their entry", req.backing)

@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -68,19 +69,25 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 def _answer_errors(fn: F) -> F:
     """Turn anything a handler raises into an errno for the kernel."""
 
+    op = fn.__name__
+
     @functools.wraps(fn)
     async def handler(self: VaultFS, *args: Any) -> Any:
         self._in_flight += 1
+        self.requests[op] += 1
         try:
             return await fn(self, *args)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            self.errors[(op, exc.errno)] += 1
             raise
         except OSError as exc:
             if exc.errno is None or exc.errno == errno.EIO:
-                log.warning("%s%r: %s", fn.__name__, args[:2], exc)
+                log.warning("%s%r: %s", op, args[:2], exc)
+            self.errors[(op, exc.errno or errno.EIO)] += 1
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
-            log.exception("%s%r failed", fn.__name__, args[:2])
+            log.exception("%s%r failed", op, args[:2])
+            self.errors[(op, errno.EIO)] += 1
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             self._in_flight -= 1
@@ -156,6 +163,11 @@ class VaultFS(pyfuse3.Operations):
         self._converting: dict[int, Conversion] = {}
         # path -> {"path", "errno", "count", "first", "last"}: write-backs that failed
         self.write_failures: dict[str, dict[str, Any]] = {}
+        # plain counters on the hot path; mount/metrics.py reads them when scraped
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.bytes_decrypted = 0  # plaintext bytes read out of encrypted files
+        self.bytes_encrypted = 0  # plaintext bytes written into encrypted files
 
     # ----------------------------------------------------------------- helpers
 
@@ -682,11 +694,18 @@ class VaultFS(pyfuse3.Operations):
         inode = h.inode
         if inode.swap is not None:
             await inode.swap.wait()  # its backing file is being replaced
+        cipher = inode.cipher
         if size < THREAD_IO_BYTES or self._in_flight <= 1:
-            return content.read_at(h.fd, inode.cipher, size, off)
+            data = content.read_at(h.fd, cipher, size, off)
+            if not cipher.is_plaintext:
+                self.bytes_decrypted += len(data)
+            return data
         inode.thread_reads += 1
         try:
-            return await trio.to_thread.run_sync(content.read_at, h.fd, inode.cipher, size, off)
+            data = await trio.to_thread.run_sync(content.read_at, h.fd, cipher, size, off)
+            if not cipher.is_plaintext:
+                self.bytes_decrypted += len(data)
+            return data
         finally:
             inode.thread_reads -= 1
             if not inode.thread_reads and inode.drained is not None:
@@ -706,8 +725,11 @@ class VaultFS(pyfuse3.Operations):
             inode.written = True
             inode.unsynced += len(buf)
             self._touched(inode)
-            return await self._io(content.write_at, h.fd, inode.cipher, buf, off,
-                                  slow=len(buf) >= THREAD_IO_BYTES)
+            written = await self._io(content.write_at, h.fd, inode.cipher, buf, off,
+                                     slow=len(buf) >= THREAD_IO_BYTES)
+            if not inode.cipher.is_plaintext:
+                self.bytes_encrypted += written
+            return written
         except OSError as exc:
             self._write_failed(inode, "write", exc)
             raise

@@ -25,3 +25,5 @@ class MountRequest:
     xattrs: bool = False
     # None: the vault's own option (vault.json rotation_period_days); 0: never
     rotation_period_days: float | None = None
+    metrics_listen: str | None = None  # [HOST:]PORT of an HTTP endpoint for Prometheus
+    metrics_file: Path | None = None  # a file rewritten with the metrics every few seconds

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -28,8 +29,10 @@ RATE_WINDOW_S = 10.0  # the measured rate is over this long
 
 
 class Reencryption:
-    def __init__(self, fs: VaultFS, reencryptor: Reencryptor) -> None:
+    def __init__(self, fs: VaultFS, reencryptor: Reencryptor,
+                 on_problem: Callable[[str], None] = lambda what: None) -> None:
         self.fs = fs
+        self._on_problem = on_problem
         self.reenc = reencryptor
         self.left: list[Job] = []  # the plan: files not yet converted
         self.planned = False  # a plan was made since the last wake
@@ -175,6 +178,8 @@ class Reencryption:
                          key_id)
         except Exception:
             log.exception("re-encrypting %r failed; it will be tried again", job.names[0])
+            self._on_problem(f"re-encrypting {job.names[0].decode(errors='replace')} failed"
+                             " (tried again in a minute; see the log)")
             job.not_before = time.monotonic() + 60.0
             self.left.append(job)
         finally:

@@ -130,7 +130,8 @@ def test_keys_on_a_backing_directory_without_key_options_say_so(initialised, cap
         assert code == 1 and out == ""
         assert err == (f"tdefs: error: {backing} is not a running tdefs mount, so `tdefs keys"
                        f" {action}` opens it as a backing directory and needs its master key:"
-                       " --key-file, --passphrase-file, --passphrase-env or --passphrase\n")
+                       " --key-file, --passphrase-file, --passphrase-env, --passphrase or"
+                       " --key-command\n")
 
 
 @pytest.mark.parametrize("argv", [["mount-keys", "list", "."], ["keys", "rekey", "."],

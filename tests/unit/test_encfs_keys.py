@@ -13,15 +13,9 @@ import pytest
 
 from encfs.errors import Corruption, TdefsError, VaultError, WrongMasterKey
 from encfs.keystore import KeyStore
-from encfs.masterkey import (
-    MasterKeySource,
-    _ask_passphrase,
-    add_key_options,
-    generate_key_file,
-    read_key_file,
-    source_from_args,
-)
+from encfs.masterkey import MasterKeySource, generate_key_file, read_key_file
 from encfs.vault import Vault
+from mount.key_options import _ask_passphrase, add_key_options, source_from_args
 
 FAST_N = 1 << 10  # scrypt cost for tests; real vaults use SCRYPT_N
 
@@ -312,9 +306,12 @@ def test_passphrase_from_stdin_that_is_not_a_terminal(monkeypatch):
         _ask_passphrase(confirm=False)
 
 
-def test_plaintext_backend_warns(tmp_path, capsys):
+def test_plaintext_backend_warns_on_the_command_side_only(tmp_path, capsys):
     source = MasterKeySource.plaintext()
-    assert "warning" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # the core prints nothing
+    assert source_from_args(_parse(["--plaintext-key"])).kind == "plaintext"
+    assert capsys.readouterr().err == ("tdefs: warning: plaintext master key: the vault is not"
+                                       " protected (tests only)\n")
     backing = make_vault(tmp_path, source)
     with Vault.open(backing, source) as v:
         assert v.keys.backend == "plaintext"
