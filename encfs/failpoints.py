@@ -44,6 +44,7 @@ FAILPOINTS: tuple[str, ...] = (
     "dict.append.mid-write",  # half a record written
     "dict.append.after-write",  # record written, not synced
     "dict.rewrite.mid-tmp",  # half the snapshot written to the tmp file
+    "dict.rewrite.after-snapshot",  # snapshot synced, records written since not yet spliced
     "dict.rewrite.after-tmp",  # snapshot complete and synced, not renamed
     "dict.rewrite.after-rename",  # renamed over the log, directory not synced
     # keys.dict (encfs/keystore.py)

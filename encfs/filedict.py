@@ -21,20 +21,25 @@ Invariants: the in-memory state always equals the replay of the records written 
 far, with the intents in ``applied`` committed; a record is either wholly in the log or (torn tail, only at the end) dropped on
 open and truncated away; ``sync(seq)`` returns only once record ``seq`` is durable,
 and concurrent callers share one fdatasync (group commit). When the log holds many
-more records than live entries it is rewritten as a snapshot with ``atomic_replace``.
+more records than live entries it is rewritten as a snapshot, in a thread of its own
+that holds writers up only to splice in what they appended meanwhile (``rewrite``).
 Callers read the state through FileDictionary's methods (``get``, ``items``,
 ``is_deferred``, ...) rather than its dicts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import hashlib
 import hmac
+import itertools
 import os
 import secrets
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +47,8 @@ from pathlib import Path
 
 from encfs.errors import Corruption
 from encfs.failpoints import ARMED, failpoint
-from encfs.fsops import atomic_replace, write_all
+from encfs.fsops import fsync_dir, write_all
+from encfs.sync_points import sync_point
 
 MAGIC = b"TDEFSFDL"
 VERSION = 1
@@ -52,6 +58,7 @@ _REC_HEAD = struct.Struct(">II")  # payload length, crc32 of the 4 length bytes
 MAC_SIZE = 32
 MAX_RECORD = 1 << 28
 SNAPSHOT_OPS_PER_RECORD = 4096
+SNAPSHOT_SYNC_BYTES = 2 << 20  # a rewrite syncs its snapshot this often as it writes it
 
 # operation codes
 PUT, DEL, BEGIN, COMMIT, ABORT = 1, 2, 3, 4, 5
@@ -314,10 +321,13 @@ class FileDictionary:
     """The in-memory key dictionary backed by its log. Thread-safe."""
 
     def __init__(self, path: Path, mac_key: bytes, *, rewrite_min_records: int = 4096,
-                 rewrite_factor: int = 2) -> None:
+                 rewrite_factor: int = 2, _shadow: bool = False) -> None:
         self.path = path
         self._mac_key = mac_key
-        self.entries: dict[bytes, FileInfo] = {}
+        # a rewrite's shadow replay keeps its entries in many small dicts and no
+        # directory index: it runs beside writers, and resizing one dict of a million
+        # entries holds the interpreter lock for tens of milliseconds
+        self.entries: dict[bytes, FileInfo] = _Shards() if _shadow else {}  # type: ignore[assignment]
         self.pending: dict[int, Pending] = {}
         # intents applied in memory whose COMMIT is not written yet (apply_intent), and
         # how many of them touch each path
@@ -328,7 +338,7 @@ class FileDictionary:
         self.deferred: dict[bytes, FileInfo] = {}
         # the paths of both by directory, so the ones below a directory are found
         # without scanning them all
-        self._entry_dirs = _DirIndex()
+        self._entry_dirs = _NoIndex() if _shadow else _DirIndex()
         self._deferred_dirs = _DirIndex()
         self.rewrite_min_records = rewrite_min_records
         self.rewrite_factor = rewrite_factor
@@ -338,6 +348,10 @@ class FileDictionary:
         self.records = 0  # records in the current log file
         self.rewrites = 0
         self.syncs = 0  # fdatasyncs of the log (each may cover many records)
+        self._rewrite_lock = threading.Lock()  # one rewrite at a time
+        self._rewriting = False  # a background rewrite is under way
+        self._rewrite_thread: threading.Thread | None = None
+        self.rewrite_error: Exception | None = None  # why the last background one failed
         self._next_txid = 1
         self._prev_mac = b""
         self._size = 0
@@ -378,13 +392,14 @@ class FileDictionary:
             cut = d._size
             d._fd = os.open(d.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             if d.salvage is not None:
-                d.rewrite()  # the surviving records no longer chain from the header
+                # the surviving records no longer chain from the header
+                d.rewrite(from_memory=True)
             elif os.fstat(d._fd).st_size != cut:
                 os.ftruncate(d._fd, cut)
                 os.fsync(d._fd)
         return d
 
-    def _replay(self, salvage: bool) -> None:
+    def _replay(self, salvage: bool, data: bytes | None = None) -> None:
         """Replay the log into memory.
 
         With ``salvage``, a record that fails (bad length CRC, bad MAC, undecodable
@@ -404,7 +419,8 @@ class FileDictionary:
         predecessor's stored one, no longer by a chain from the header: that is what
         the user accepts by asking for a repair.
         """
-        data = self.path.read_bytes()
+        if data is None:
+            data = self.path.read_bytes()
         where = str(self.path)
         if len(data) < HEADER_SIZE:
             raise Corruption(where, 0, "file too short for a files.dict header")
@@ -629,8 +645,36 @@ class FileDictionary:
         if sync:
             self.sync(seq)
         if self._should_rewrite():
-            self.rewrite()
+            self._rewrite_in_background()
         return seq
+
+    def _rewrite_in_background(self) -> None:
+        """Start a rewrite in its own thread (one at a time): the append that found the
+        log too long returns at once, and others go on while it runs."""
+        with self._lock:
+            if self._rewriting:
+                return
+            self._rewriting = True
+
+        def run() -> None:
+            try:
+                self.rewrite()
+            except Exception as exc:  # noqa: BLE001 - the old log stands; said here
+                self.rewrite_error = exc
+            finally:
+                with self._cond:
+                    self._rewriting = False
+                    self._cond.notify_all()
+
+        self._rewrite_thread = threading.Thread(target=run, name="files.dict rewrite",
+                                                daemon=True)
+        self._rewrite_thread.start()
+
+    def wait_for_rewrite(self) -> None:
+        """Return once no background rewrite runs (close, tests)."""
+        thread = self._rewrite_thread
+        if thread is not None:
+            thread.join()
 
     def apply_intent(self, txid: int) -> None:
         """Apply pending intent ``txid`` in memory now; its COMMIT comes later (a record
@@ -700,49 +744,156 @@ class FileDictionary:
                 raise RuntimeError(f"{path!r} belongs to an intent whose COMMIT is not written")
 
     def _should_rewrite(self) -> bool:
-        if self.applied:
-            return False  # the snapshot could not say which intents are still open
+        if self._rewriting:
+            return False
         live = len(self.entries) + len(self.pending) + len(self.deferred)
         return self.records > self.rewrite_min_records and self.records > self.rewrite_factor * live
 
-    def rewrite(self) -> None:
-        """Replace the log with a snapshot of the live entries and pending intents."""
-        with self._cond:
-            while self._syncing:
-                self._cond.wait()
-            if self._fd < 0:
-                raise OSError(errno.EBADF, f"{self.path} is not open for writing")
-            if self.applied:
-                raise RuntimeError("commit the applied intents before rewriting the log")
-            generation = self.generation + 1
-            head = _header(self._mac_key, generation)
-            prev = head[_HEADER_BODY.size :]
-            parts = [head]
-            count = 0
-            # deferred deletes stay in the snapshot: their unlinks may not be durable
-            items = [Put(p, i) for p, i in (*self.entries.items(), *self.deferred.items())]
-            for i in range(0, len(items), SNAPSHOT_OPS_PER_RECORD):
-                rec, prev = _record(self._mac_key, prev, encode_ops(items[i : i + SNAPSHOT_OPS_PER_RECORD]))
-                parts.append(rec)
-                count += 1
-            for p in self.pending.values():
-                ops = [Begin(p.txid, p.rule, p.src, p.src_ino), *p.ops]
-                rec, prev = _record(self._mac_key, prev, encode_ops(ops))
-                parts.append(rec)
-                count += 1
-            data = b"".join(parts)
-            atomic_replace(self.path, data, failpoint_prefix="dict.rewrite")
-            old = self._fd
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            os.close(old)
-            self.generation = generation
-            self._prev_mac = prev
-            self._size = len(data)
-            self.records = count
-            self.rewrites += 1
-            self._durable = self._written  # the snapshot holds every record and is synced
+    def rewrite(self, *, from_memory: bool = False) -> None:
+        """Replace the log with a snapshot of what it says, without stopping writers.
+
+        1. Under the lock, only note where the log ends (``mark``).
+        2. Without it, read the log up to ``mark`` again, verifying every MAC, replay it
+           into a shadow state, and write that state as a snapshot to files.dict.tmp:
+           entries (deferred deletes among them, whose DELs are not written yet) and
+           open intents (an intent applied in memory is open in the log too).
+        3. Under the lock again, append to the tmp file the records written after
+           ``mark``, chained anew, fsync it, rename it over the log, fsync .tdefs/.
+        A create waits at most for step 3, which copies only what came meanwhile. The
+        snapshot is built from the log, not from memory, so it says exactly what a
+        replay of the old log would: nothing appended meanwhile is lost (git's
+        reftable once lost updates by writing back a list read before them), and a
+        crash at any point leaves the old log or the new one, both whole.
+
+        ``from_memory`` (after a salvage, when the log on disk no longer verifies)
+        writes the state in memory instead; nothing else runs meanwhile then.
+
+        The cyclic garbage collector is off while it runs: the shadow state is
+        millions of small objects on a large vault, and a full collection over them
+        (and over the live state) would stop every thread for a tenth of a second or
+        more; they are all freed by reference counting anyway."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._rewrite(from_memory)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _rewrite(self, from_memory: bool) -> None:
+        with self._rewrite_lock:
+            with self._cond:
+                if self._fd < 0:
+                    raise OSError(errno.EBADF, f"{self.path} is not open for writing")
+                mark = self._size
+                generation = self.generation + 1
+            if from_memory:
+                shadow = self
+            else:
+                shadow = FileDictionary(self.path, self._mac_key, _shadow=True)
+                with open(self.path, "rb") as f:
+                    shadow._replay(False, f.read(mark))
+            sync_point("dict.rewrite.after-read")
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                prev, count, size = self._write_snapshot(fd, shadow, generation)
+                if shadow is not self:
+                    _dismantle(shadow)
+                del shadow
+                os.fsync(fd)
+                failpoint("dict.rewrite.after-snapshot")
+                sync_point("dict.rewrite.before-splice")
+                # what came while the snapshot was built, still without the lock: the
+                # log up to ``upto`` holds whole records (an append moves _size only
+                # once its record is written)
+                upto = self._size
+                prev, spliced, size = self._splice(fd, mark, upto, prev, size)
+                os.fsync(fd)
+                with self._cond:
+                    while self._syncing:
+                        self._cond.wait()
+                    if self._fd < 0:
+                        raise OSError(errno.EBADF, f"{self.path} was closed during its rewrite")
+                    # the last few, with appenders held
+                    prev, last, size = self._splice(fd, upto, self._size, prev, size)
+                    os.fsync(fd)
+                    failpoint("dict.rewrite.after-tmp")
+                    os.rename(tmp, self.path)
+                    failpoint("dict.rewrite.after-rename")
+                    # before any append goes to the new log, the rename must be durable:
+                    # a power cut must not bring back the old log without it
+                    fsync_dir(self.path.parent)
+                    old = self._fd
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                    self.generation = generation
+                    self._prev_mac = prev
+                    self._size = size
+                    self.records = count + spliced + last
+                    self.rewrites += 1
+                    self._durable = self._written  # the new log holds every record, synced
+                # the old log's last descriptor: freeing its blocks can take a while
+                os.close(old)
+            finally:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)  # left only when the rewrite failed
+
+    def _write_snapshot(self, fd: int, shadow: FileDictionary, generation: int
+                        ) -> tuple[bytes, int, int]:
+        """Write ``shadow``'s state as a new log to ``fd``; returns (last MAC,
+        records, bytes)."""
+        head = _header(self._mac_key, generation)
+        prev = head[_HEADER_BODY.size :]
+        write_all(fd, head)
+        size, count = len(head), 0
+        entries = iter(shadow.entries.items())
+        total = len(shadow.entries)
+        # a record of SNAPSHOT_OPS_PER_RECORD entries at a time: no list of them all
+        synced = 0
+        for start in range(0, total, SNAPSHOT_OPS_PER_RECORD):
+            chunk = [Put(p, i) for p, i in itertools.islice(entries, SNAPSHOT_OPS_PER_RECORD)]
+            rec, prev = _record(self._mac_key, prev, encode_ops(chunk))
+            write_all(fd, rec)
+            size += len(rec)
+            count += 1
+            if size - synced >= SNAPSHOT_SYNC_BYTES:
+                # a little at a time: one fsync of it all at the end would hold up the
+                # appenders' own fdatasyncs behind its writeback
+                os.fdatasync(fd)
+                synced = size
+            if start <= total // 2 < start + SNAPSHOT_OPS_PER_RECORD:
+                failpoint("dict.rewrite.mid-tmp")
+        if not total:
+            failpoint("dict.rewrite.mid-tmp")
+        for p in shadow.pending.values():
+            rec, prev = _record(self._mac_key, prev,
+                                encode_ops([Begin(p.txid, p.rule, p.src, p.src_ino), *p.ops]))
+            write_all(fd, rec)
+            size += len(rec)
+            count += 1
+        return prev, count, size
+
+    def _splice(self, fd: int, start: int, end: int, prev: bytes, size: int
+                ) -> tuple[bytes, int, int]:
+        """Append the log's records between offsets ``start`` and ``end`` to ``fd``,
+        chained anew from ``prev``; returns (last MAC, records, new size)."""
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            tail = f.read(end - start)
+        pos, spliced = 0, 0
+        while pos < len(tail):
+            n, _check = _REC_HEAD.unpack_from(tail, pos)
+            payload = tail[pos + _REC_HEAD.size : pos + _REC_HEAD.size + n]
+            rec, prev = _record(self._mac_key, prev, payload)
+            write_all(fd, rec)
+            size += len(rec)
+            spliced += 1
+            pos += _REC_HEAD.size + n + MAC_SIZE
+        return prev, spliced, size
 
     def close(self) -> None:
+        self.wait_for_rewrite()
         if self._fd >= 0:
             if self._sync_error is None:
                 self.sync()
@@ -804,6 +955,65 @@ class FileDictionary:
     def _undefer(self, path: bytes) -> None:
         if self.deferred.pop(path, None) is not None:
             self._deferred_dirs.discard(path)
+
+
+class _Shards:
+    """A mapping spread over many dicts (by hash), none of them large: what a rewrite's
+    shadow replay needs of a dict (see FileDictionary.__init__)."""
+
+    __slots__ = ("_parts",)
+    _N = 512
+
+    def __init__(self) -> None:
+        self._parts: list[dict[bytes, FileInfo]] = [{} for _ in range(self._N)]
+
+    def _part(self, key: bytes) -> dict[bytes, FileInfo]:
+        return self._parts[hash(key) % self._N]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._part(key)  # type: ignore[arg-type]
+
+    def __setitem__(self, key: bytes, value: FileInfo) -> None:
+        self._part(key)[key] = value
+
+    def get(self, key: bytes, default: FileInfo | None = None) -> FileInfo | None:
+        return self._part(key).get(key, default)
+
+    def pop(self, key: bytes, default: FileInfo | None = None) -> FileInfo | None:
+        return self._part(key).pop(key, default)
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self._parts)
+
+    def items(self) -> Iterator[tuple[bytes, FileInfo]]:
+        for part in self._parts:
+            yield from part.items()
+
+    def clear_in_pieces(self) -> None:
+        """Free it one small dict at a time, letting other threads run between."""
+        for i in range(len(self._parts)):
+            self._parts[i] = {}
+            time.sleep(0)
+
+
+class _NoIndex:
+    """No directory index (a shadow replay never asks what is below a directory)."""
+
+    def add(self, path: bytes) -> None:
+        return None
+
+    def discard(self, path: bytes) -> None:
+        return None
+
+
+def _dismantle(shadow: FileDictionary) -> None:
+    """Free a shadow's large state a piece at a time, yielding between pieces: dropping
+    a million entries at once is one call that holds the interpreter lock for a
+    quarter of a second, and every other thread (a create through the mount) would
+    wait."""
+    entries = shadow.entries
+    if isinstance(entries, _Shards):
+        entries.clear_in_pieces()
 
 
 def _intent_paths(p: Pending) -> set[bytes]:

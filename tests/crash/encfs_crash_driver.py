@@ -23,6 +23,7 @@ from encfs import content  # noqa: E402
 from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2  # noqa: E402
 from encfs.masterkey import MasterKeySource  # noqa: E402
 from encfs.reencrypt import Reencryptor  # noqa: E402
+from encfs.sync_points import hooked  # noqa: E402
 from encfs.vault import INIT_DIR, META_DIR, Vault  # noqa: E402
 
 State = dict[str, bytes]
@@ -118,6 +119,19 @@ def _setup_reencrypt(vault: Vault) -> tuple[State, State]:
     return state, dict(state)
 
 
+def _rewrite_racing_writers(vault: Vault) -> None:
+    """A rewrite while writers append: they create, unlink and rename (here, from the
+    rewrite's own thread, right after it read the log: deterministic)."""
+
+    def writers() -> None:
+        write_file(vault, "new", body("new"))
+        vault.unlink(b"a")
+        vault.rename(b"keep", b"kept")
+
+    with hooked("dict.rewrite.after-read", writers):
+        vault.files.rewrite()
+
+
 def reencrypt_all(vault: Vault) -> None:
     """What the daemon's re-encryption does, without a mount: every file, in turn."""
     reencryptor = Reencryptor(vault)
@@ -170,6 +184,9 @@ SCENARIOS: dict[str, Scenario] = {
         lambda v: v.truncate_to_zero(b"a"),
     ),
     "rewrite": Scenario(_setup_rewrite, lambda v: v.files.rewrite()),
+    "rewrite_racing": Scenario(
+        _setup_with({"a": A, "keep": K}, {"kept": K, "new": body("new")}),
+        _rewrite_racing_writers),
     "rotate": Scenario(
         _setup_with({"a": A, "keep": K}, {"a": A, "keep": K}),
         lambda v: v.keys.rotate(),

@@ -43,7 +43,8 @@ _spec.loader.exec_module(driver)
 
 _RENAME = ("rename.after-intent", "rename.after-rename", "rename.after-commit")
 _APPEND = ("dict.append.mid-write", "dict.append.after-write")
-_REWRITE = ("dict.rewrite.mid-tmp", "dict.rewrite.after-tmp", "dict.rewrite.after-rename")
+_REWRITE = ("dict.rewrite.mid-tmp", "dict.rewrite.after-snapshot", "dict.rewrite.after-tmp",
+            "dict.rewrite.after-rename")
 _KEYS = ("keys.replace.mid-tmp", "keys.replace.after-tmp", "keys.replace.after-rename")
 _REENCRYPT = ("reencrypt.after-start", "reencrypt.mid-copy", "reencrypt.after-copy",
               "reencrypt.after-first-name", "reencrypt.mid-links", "reencrypt.after-switch",
@@ -73,6 +74,7 @@ CASES: list[tuple[str, str]] = [
     ("truncate", "truncate.after-truncate"),
     *[("truncate", f) for f in _APPEND],
     *[("rewrite", f) for f in _REWRITE],
+    *[("rewrite_racing", f) for f in _REWRITE],
     *[("rotate", f) for f in _KEYS],
     *[("reseal", f) for f in _KEYS],
     *[("reencrypt", f) for f in _REENCRYPT],

@@ -295,10 +295,11 @@ def test_rewrite_when_records_outgrow_live_entries(tmp_path):
     for i in range(40):
         d.append([Put(b"tmp", info(i))])
         d.append([Del(b"tmp")])
+        d.wait_for_rewrite()  # it runs in the background; one at a time for this test
     assert d.rewrites >= 1
-    assert d.records < 20
+    assert d.records <= 21  # without rewrites: 82
     size = d.path.stat().st_size
-    assert size < 600, size
+    assert size < 2000, size  # without: about 5,700 bytes
     d.close()
     again = FileDictionary.open(d.path, MAC_KEY)
     assert again.entries == {b"keep": info(1)}
