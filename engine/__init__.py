@@ -4,7 +4,7 @@ Files in a database directory: LOCK, CURRENT, MANIFEST-n, n.log (write-ahead log
 n.sst (sorted tables), OPTIONS. docs/engine-format.md describes their bytes.
 """
 
-from .db import DB, Snapshot, WriteBatch
+from .db import DB
 from .errors import (
     BackgroundError,
     Corruption,
@@ -14,6 +14,8 @@ from .errors import (
     LockError,
 )
 from .options import Options
+from .snapshots import Snapshot
+from .write_batch import WriteBatch
 
 __all__ = [
     "DB",

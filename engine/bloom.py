@@ -1,11 +1,14 @@
-"""Whole-table bloom filters, blocked by 64-bit word.
+"""Whole-table bloom filters, blocked by 64-bit word: the filter block's format,
+building it and probing it.
 
 Layout: ``nwords`` 64-bit little-endian words, then one byte ``k``. A key with
 ``h = crc32(key)`` lives in word ``h % nwords`` and sets the bits of
 ``MASKS_k[((h * 0x9E3779B1) mod 2^32) >> 16]``; mask ``m`` (0 <= m < 65536) is the OR
 of ``1 << ((x_i >> 16) & 63)`` for ``x_0 = m`` and ``x_i = (x_{i-1} * 1103515245 +
 12345) mod 2^31``, i = 1..k. One word and one mask per key keep building and probing
-to a few interpreter operations. A filter never says no for a key that was added.
+to a few interpreter operations. ``build_filter`` and ``BloomFilter.may_contain`` are
+the only code that knows where a key's bits are. Invariant: a filter never says no
+for a key that was added.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from array import array
 from functools import lru_cache
 from zlib import crc32
 
+# The hash a key is filtered by; a point read computes it once for every table.
 key_hash = crc32
 GOLDEN = 0x9E3779B1
 
@@ -50,6 +54,8 @@ def build_filter(hashes: list[int], bits_per_key: int) -> bytes:
 
 
 class BloomFilter:
+    """A filter block, read; one that is not whole words plus ``k`` matches every key."""
+
     __slots__ = ("words", "nwords", "masks")
 
     def __init__(self, data: bytes) -> None:
@@ -66,6 +72,7 @@ class BloomFilter:
         self.masks = masks(data[-1])
 
     def may_contain(self, h: int) -> bool:
+        """Whether a key with ``key_hash`` ``h`` may have been added."""
         if not self.nwords:
             return True
         m = self.masks[((h * GOLDEN) & 0xFFFFFFFF) >> 16]

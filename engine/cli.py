@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from .db import DB
 from .errors import EngineError
 from .options import Options
-from .sst import TableReader
+from .table_reader import TableReader
 from .version import VersionEdit
-from .wal import decode_batch, read_records
+from .wal import read_records
+from .write_batch import decode_batch
 
 DUMP_COMMANDS = ("dump-manifest", "dump-sst", "dump-wal")
 # Only reads, so a mistyped PATH is reported rather than turned into a database.

@@ -23,7 +23,9 @@ from itertools import repeat
 from operator import neg, or_
 
 from .memtable import MemTable
-from .sst import TableBuilder, TableReader
+from .table_builder import TableBuilder
+from .table_reader import TableReader
+from .tags import KIND_DELETE, KIND_PUT
 from .version import FileMeta, Version
 
 
@@ -147,10 +149,12 @@ def flush_job(mem: MemTable, path: str, block_size: int, compression: str,
             seqs = list(map(mem.seqs.__getitem__, keys))
             values = list(map(mem.values.__getitem__, keys))
             if None in values:
-                tags = [seq << 8 | (value is not None) for seq, value in zip(seqs, values, strict=True)]
+                tags = [seq << 8 | (KIND_DELETE if value is None else KIND_PUT)
+                        for seq, value in zip(seqs, values, strict=True)]
                 values = [b"" if value is None else value for value in values]
             else:
-                tags = list(map(or_, map((256).__mul__, seqs), repeat(1)))
+                # seq << 8 | KIND_PUT for every key, in C.
+                tags = list(map(or_, map((256).__mul__, seqs), repeat(KIND_PUT)))
             step = 1 << 14
             for i in range(0, len(keys), step):
                 builder.add_many(keys[i:i + step], tags[i:i + step], values[i:i + step])
@@ -247,7 +251,7 @@ def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int
                         continue
                 else:
                     continue
-                if not tag & 0xFF and bottommost and (not nsnaps or snaps[0] >= seq):
+                if tag & 0xFF == KIND_DELETE and bottommost and (not nsnaps or snaps[0] >= seq):
                     continue
                 keys.append(key)
                 tags.append(tag)

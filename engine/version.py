@@ -5,7 +5,7 @@ A ``Version`` is an immutable list of levels of ``FileMeta``: level 0 sorted by
 never sequence numbers), levels >= 1 sorted by smallest key and non-overlapping.
 The MANIFEST is a log (engine/wal.py framing) of ``VersionEdit`` records, each a
 JSON object; its first record is a full snapshot of the state. ``CURRENT`` names the
-live MANIFEST and is replaced via a temporary file and rename.
+live MANIFEST (engine/filename.py replaces it).
 Invariant: ``VersionSet.current`` is always the result of applying, in order, every
 edit durably recorded in the live MANIFEST.
 """
@@ -20,27 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Corruption
+from .filename import manifest_name, read_current, set_current
 from .wal import LogWriter, read_records
-
-
-def table_name(number: int) -> str:
-    return f"{number:06d}.sst"
-
-
-def log_name(number: int) -> str:
-    return f"{number:06d}.log"
-
-
-def manifest_name(number: int) -> str:
-    return f"MANIFEST-{number:06d}"
-
-
-def sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(eq=False, slots=True)
@@ -210,14 +191,13 @@ class VersionSet:
     def path(self, name: str) -> str:
         return os.path.join(self.dbpath, name)
 
+    def manifest_path(self) -> str:
+        """The live MANIFEST's path (where the consistency check reports problems)."""
+        return self.path(manifest_name(self.manifest_number))
+
     def recover(self) -> None:
         """Load the state named by CURRENT; Corruption on any damage."""
-        current = self.path("CURRENT")
-        with open(current, "rb") as f:
-            text = f.read()
-        name = text.decode("ascii", "replace").strip()
-        if not text.endswith(b"\n") or not name.startswith("MANIFEST-") or "/" in name:
-            raise Corruption(current, 0, "CURRENT does not name a MANIFEST")
+        name = read_current(self.dbpath)
         mpath = self.path(name)
         if not os.path.exists(mpath):
             raise Corruption(mpath, None, "the MANIFEST named by CURRENT is missing")
@@ -264,13 +244,7 @@ class VersionSet:
         writer = LogWriter(self.path(manifest_name(number)))
         writer.add(edit.encode())
         writer.sync()
-        tmp = self.path(f"{number:06d}.dbtmp")
-        with open(tmp, "wb") as f:
-            f.write(manifest_name(number).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path("CURRENT"))
-        sync_dir(self.dbpath)
+        set_current(self.dbpath, number)
         if self._manifest is not None:
             self._manifest.close()
         self._manifest = writer

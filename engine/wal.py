@@ -1,14 +1,15 @@
-"""Record framing shared by the write-ahead log (n.log) and the MANIFEST.
+"""Log files: the record framing shared by the write-ahead log (n.log) and the MANIFEST.
 
 A log is a sequence of records, each ``length u32 | payload_crc u32 | check u32 |
 payload`` (little-endian; payload_crc is zlib's crc32 of the payload; ``check =
 (length * 0x9E3779B1 mod 2^32) xor payload_crc xor 0xA5A5A5A5`` guards the header).
+``record_header`` is the only place that rule is written. A WAL record's payload is a
+write batch (engine/write_batch.py), a MANIFEST record's a version edit
+(engine/version.py).
+
 Invariant: a record is either read back whole with both checksums good, or reading
 stops: at a torn tail (the last write of a crashed process) silently, anywhere else
 with ``Corruption`` naming the file and the record's offset.
-
-WAL payloads are write batches (see ``encode_batch``): ``seq u64 | count u32`` then
-``count`` operations, each ``kind u8 | key_len u32 | [value_len u32] | key | [value]``.
 """
 
 from __future__ import annotations
@@ -21,29 +22,21 @@ from zlib import crc32
 from .errors import Corruption
 
 HEADER = struct.Struct("<III")
-HEADER_SIZE = 12
+HEADER_SIZE = HEADER.size
 GOLDEN = 0x9E3779B1
 CHECK_XOR = 0xA5A5A5A5
-
-KIND_DELETE = 0
-KIND_PUT = 1
-
-BATCH_HEADER = struct.Struct("<QI")
-PUT_OP = struct.Struct("<BII")
-DELETE_OP = struct.Struct("<BI")
-# A one-put batch's fixed part: batch header then the put's op header.
-SINGLE_PUT = struct.Struct("<QIBII")
+# Space a WAL reserves ahead of its writes, so synced writes rarely change its size.
+WAL_PREALLOCATE = 1 << 20
 
 
-def header_check(length: int, crc: int) -> int:
-    return ((length * GOLDEN) & 0xFFFFFFFF) ^ crc ^ CHECK_XOR
+def record_header(length: int, crc: int) -> bytes:
+    """The 12 header bytes of a record whose payload has ``length`` bytes and crc32 ``crc``."""
+    return HEADER.pack(length, crc, ((length * GOLDEN) & 0xFFFFFFFF) ^ crc ^ CHECK_XOR)
 
 
 def frame(payload: bytes) -> bytes:
     """Return the on-disk bytes of one record carrying ``payload``."""
-    n = len(payload)
-    c = crc32(payload)
-    return HEADER.pack(n, c, ((n * GOLDEN) & 0xFFFFFFFF) ^ c ^ CHECK_XOR) + payload
+    return record_header(len(payload), crc32(payload)) + payload
 
 
 class LogWriter:
@@ -59,7 +52,7 @@ class LogWriter:
     def __init__(self, path: str, buffer_size: int = 1 << 16, preallocate: int = 0) -> None:
         self.path = path
         self._file = open(path, "wb", buffering=buffer_size)  # noqa: SIM115
-        # Bound method kept for the hot write path.
+        # Appends framed records (``frame``); bound once for the hot write path.
         self.write = self._file.write
         self._chunk = preallocate
         self._reserved = 0
@@ -123,8 +116,9 @@ def read_records(path: str, data: bytes | None = None) -> Iterator[tuple[int, by
     while pos < size:
         if size - pos < HEADER_SIZE:
             return
-        length, pcrc, check = HEADER.unpack_from(data, pos)
-        if header_check(length, pcrc) != check:
+        header = data[pos:pos + HEADER_SIZE]
+        length, pcrc, _ = HEADER.unpack(header)
+        if record_header(length, pcrc) != header:
             if _all_zero(data, pos + HEADER_SIZE):
                 return
             raise Corruption(path, pos, "bad record header checksum")
@@ -139,53 +133,3 @@ def read_records(path: str, data: bytes | None = None) -> Iterator[tuple[int, by
             raise Corruption(path, pos, "bad record payload checksum")
         yield pos, payload
         pos = end
-
-
-def encode_batch(seq: int, ops: list[tuple[bytes, bytes | None]]) -> bytes:
-    """Encode a write batch starting at sequence ``seq``; a value of None deletes."""
-    parts = [BATCH_HEADER.pack(seq, len(ops))]
-    append = parts.append
-    for key, value in ops:
-        if value is None:
-            append(DELETE_OP.pack(KIND_DELETE, len(key)))
-            append(key)
-        else:
-            append(PUT_OP.pack(KIND_PUT, len(key), len(value)))
-            append(key)
-            append(value)
-    return b"".join(parts)
-
-
-def decode_batch(path: str, offset: int, payload: bytes) -> tuple[int, list[tuple[bytes, bytes | None]]]:
-    """Decode a batch payload into ``(first_seq, ops)``; malformed bytes are Corruption."""
-    try:
-        seq, count = BATCH_HEADER.unpack_from(payload, 0)
-        pos = BATCH_HEADER.size
-        ops: list[tuple[bytes, bytes | None]] = []
-        for _ in range(count):
-            kind = payload[pos]
-            if kind == KIND_PUT:
-                _, klen, vlen = PUT_OP.unpack_from(payload, pos)
-                pos += PUT_OP.size
-                key = payload[pos:pos + klen]
-                pos += klen
-                value = payload[pos:pos + vlen]
-                pos += vlen
-                if len(value) != vlen:
-                    raise ValueError("short value")
-                ops.append((key, value))
-            elif kind == KIND_DELETE:
-                _, klen = DELETE_OP.unpack_from(payload, pos)
-                pos += DELETE_OP.size
-                key = payload[pos:pos + klen]
-                pos += klen
-                ops.append((key, None))
-            else:
-                raise ValueError(f"unknown operation kind {kind}")
-            if len(key) != klen:
-                raise ValueError("short key")
-        if pos != len(payload):
-            raise ValueError("trailing bytes")
-    except (struct.error, ValueError, IndexError) as exc:
-        raise Corruption(path, offset, f"malformed write batch ({exc})") from None
-    return seq, ops

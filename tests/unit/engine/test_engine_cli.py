@@ -59,7 +59,8 @@ def test_dump_commands(tmp_path, capsys):
     assert code == 0 and "alpha @ 1 put = one" in out and '"num_entries": 1' in out
     code, out, _ = run(capsys, "dump-manifest", manifest)
     assert code == 0 and "edit at 0:" in out and "keys alpha .. alpha" in out
-    from engine.wal import LogWriter, encode_batch
+    from engine.wal import LogWriter
+    from engine.write_batch import encode_batch
 
     log = tmp_path / "000007.log"
     w = LogWriter(str(log))

@@ -257,7 +257,7 @@ def test_sst_index_and_footer_corruption_fail_open(tmp_path, opts):
     with pytest.raises(Corruption) as info:
         DB.open(path, opts)
     assert name in str(info.value)
-    from engine.sst import TableReader
+    from engine.table_reader import TableReader
 
     (path / name).write_bytes(good)
     index_off = TableReader(str(path / name), 0).footer_handles[0][0]
@@ -359,21 +359,22 @@ def test_compaction_installs_onto_current_version(tmp_path):
             for i in range(50):
                 db.put(b"k%03d" % i, b"r%d" % round_)
             db.flush()
+        bg = db._background
         with db._lock:
-            c = db._picker.pick_range(db._sv[2], 0, None, None, db._busy)
-            db._mark_busy(c)
+            c = bg.picker.pick_range(db._sv[2], 0, None, None, bg.busy)
+            bg.mark_busy(c)
         try:
             # Files being compacted are never picked again.
             with db._lock:
-                assert db._picker.pick_range(db._sv[2], 0, None, None, db._busy) is None
+                assert bg.picker.pick_range(db._sv[2], 0, None, None, bg.busy) is None
             # A flush finishes while the compaction is in flight.
             db.put(b"k000", b"during")
             db.put(b"new", b"during")
             db.flush()
             newest = db._sv[2].levels[0][0]
-            db._run_compaction(c)
+            bg.run_compaction(c)
         finally:
-            db._unmark_busy(c)
+            bg.unmark_busy(c)
         levels = db._sv[2].levels
         assert levels[0] == [newest]
         assert db.get(b"k000") == b"during" and db.get(b"new") == b"during"
@@ -577,26 +578,27 @@ def test_writes_into_an_overrunning_memtable_are_paced_not_stopped(tmp_path):
     # 20 KiB of paced writes fit below the hard limit of 1.5 x 64 KiB.
     db = DB.open(str(tmp_path / "db"), small_options(write_buffer_size=64 << 10))
     release = threading.Event()
-    flush = db._flush_memtable
+    flush = db._background.flush_memtable
 
     def held_flush(imm):
         release.wait(30)
         flush(imm)
 
-    db._flush_memtable = held_flush
+    db._background.flush_memtable = held_flush
+    pacing = db._write_controller
     try:
         value = b"v" * 1000
         i = 0
         while not db._imms:  # fill the first memtable; it becomes immutable and stays
             db.put(b"a%05d" % i, value)
             i += 1
-        while not db._paced:  # then overrun the active one
+        while not pacing.paced:  # then overrun the active one
             db.put(b"b%05d" % i, value)
             i += 1
-        assert db._slowdown and db.stats["stall_waits"] == 0
+        assert pacing.slowdown and db.stats["stall_waits"] == 0
         # The held flush is due in 1 s: the ~30 KiB of room left must last that long.
-        db._flush_estimate = 1.0
-        db._flush_deadline = time.monotonic() + 1.0
+        pacing.flush_estimate = 1.0
+        pacing.flush_deadline = time.monotonic() + 1.0
         start = time.monotonic()
         for j in range(15):
             db.put(b"c%05d" % j, value)
@@ -606,6 +608,6 @@ def test_writes_into_an_overrunning_memtable_are_paced_not_stopped(tmp_path):
     finally:
         release.set()
     db.flush()
-    assert not db._paced and not db._slowdown
+    assert not pacing.paced and not pacing.slowdown
     assert db.get(b"c00014") == value and db.get(b"a00000") == value
     db.close()

@@ -12,8 +12,10 @@ import os
 from engine_helpers import small_options
 
 from engine import DB
-from engine.sst import TableBuilder
-from engine.version import FileMeta, VersionEdit, table_name
+from engine.filename import table_name
+from engine.table_builder import TableBuilder
+from engine.table_reader import open_table
+from engine.version import FileMeta, VersionEdit
 
 
 def install_level0(db: DB, entries: list[tuple[bytes, int, bytes]], epoch: int) -> FileMeta:
@@ -24,7 +26,7 @@ def install_level0(db: DB, entries: list[tuple[bytes, int, bytes]], epoch: int) 
     st = builder.finish()
     f = FileMeta(number, st["size"], st["smallest"], st["largest"], st["smallest_seq"],
                  st["largest_seq"], epoch, st["num_entries"])
-    db._open_reader(f)
+    open_table(db.path, f, db.cache)
     db._install(VersionEdit(new_files=[(0, f)], last_sequence=st["largest_seq"],
                             next_epoch=max(db._vs.next_epoch, epoch + 1)), [])
     return f

@@ -6,7 +6,10 @@ import pytest
 
 from engine.bloom import key_hash
 from engine.errors import Corruption
-from engine.sst import FOOTER_SIZE, MISS, TableBuilder, TableReader
+from engine.table_builder import TableBuilder
+from engine.table_format import FOOTER_SIZE
+from engine.table_reader import MISS, TableReader
+from engine.table_scan import scan_tables
 
 
 def build(path, entries, **kw):
@@ -64,17 +67,17 @@ def test_scan_forward_and_reverse(tmp_path):
     entries = sample_entries(300)
     build(path, entries, block_size=128)
     r = TableReader(str(path), 1)
-    fwd = list(r.scan(b"key000010", b"key000020", None, 3))
+    fwd = list(scan_tables([(r, None)], b"key000010", b"key000020", 3))
     assert [k for k, _, _ in fwd] == [b"key%06d" % i for i in range(10, 20)]
     assert fwd[4] == (b"key000014", 3, None)  # 14 % 7 == 0: deleted
     assert fwd[0][2] == b"new10" * 5
-    rev = list(r.scan(b"key000010", b"key000020", 2 * 300 + 12, 0, reverse=True))
+    rev = list(scan_tables([(r, 2 * 300 + 12)], b"key000010", b"key000020", 0, reverse=True))
     assert [k for k, _, _ in rev] == [b"key%06d" % i for i in range(19, 9, -1)]
     # At that snapshot keys <= 12 have their "new" versions, later ones only "old".
     assert dict((k, v) for k, _, v in rev)[b"key000012"] == b"new12" * 5
     assert dict((k, v) for k, _, v in rev)[b"key000013"] == b"old13"
-    assert list(r.scan(None, None, None, 0)) == list(
-        r.scan(None, None, None, 0, reverse=True))[::-1]
+    assert list(scan_tables([(r, None)], None, None, 0)) == list(
+        scan_tables([(r, None)], None, None, 0, reverse=True))[::-1]
 
 
 def test_range_tombstones_widen_key_range_in_any_order(tmp_path):

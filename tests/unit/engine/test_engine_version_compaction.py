@@ -6,7 +6,8 @@ import pytest
 
 from engine.compaction import CompactionPicker, compaction_job
 from engine.errors import Corruption
-from engine.sst import TableBuilder, TableReader
+from engine.table_builder import TableBuilder
+from engine.table_reader import TableReader
 from engine.version import (
     FileMeta,
     Version,

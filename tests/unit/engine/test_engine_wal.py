@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import Corruption
-from engine.wal import LogWriter, decode_batch, encode_batch, frame, read_records
+from engine.wal import LogWriter, frame, read_records
+from engine.write_batch import decode_batch, encode_batch
 
 
 def write_log(path, payloads):
