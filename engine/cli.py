@@ -3,13 +3,14 @@
     lsmdb PATH put KEY VALUE | get KEY | delete KEY
     lsmdb PATH scan [--from KEY] [--to KEY] [--limit N] [--reverse]
     lsmdb PATH compact | stats | check
+    lsmdb PATH hash [--from KEY] [--to KEY]
     lsmdb dump-manifest FILE | dump-sst FILE | dump-wal FILE
 
 Keys and values are taken as UTF-8 text, or as hex with ``--hex``; output escapes
 bytes that are not printable ASCII (or prints hex with ``--hex``). Every error is
 one line ``lsmdb: error: ...`` with a non-zero exit status.
 
-get, scan, stats and check open the database read-only: they never create or change
+get, scan, hash, stats and check open the database read-only: they never create or change
 a file, and fail on a PATH that is not a database. put and delete create a database
 in a missing or empty directory, never in one holding other files.
 """
@@ -21,6 +22,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .content_hash import content_hash
 from .db import DB
 from .errors import EngineError
 from .options import Options
@@ -31,7 +33,7 @@ from .write_batch import decode_batch
 
 DUMP_COMMANDS = ("dump-manifest", "dump-sst", "dump-wal")
 # Only reads, so a mistyped PATH is reported rather than turned into a database.
-READ_ONLY_COMMANDS = ("get", "scan", "stats", "check")
+READ_ONLY_COMMANDS = ("get", "scan", "hash", "stats", "check")
 # May create the database; compact needs one to exist, as there is nothing to compact.
 CREATING_COMMANDS = ("put", "delete")
 
@@ -79,6 +81,10 @@ def _parser() -> _Parser:
     s.add_argument("--to", dest="upper", help="end key (exclusive)")
     s.add_argument("--limit", type=int, help="at most N pairs")
     s.add_argument("--reverse", action="store_true", help="descending order")
+    s = sub.add_parser("hash", help="print a hash of the keys and values, the same for two"
+                                    " databases with the same contents however they are laid out")
+    s.add_argument("--from", dest="lower", help="first key (inclusive)")
+    s.add_argument("--to", dest="upper", help="end key (exclusive)")
     sub.add_parser("compact", help="compact the whole key range")
     sub.add_parser("stats", help="print levels and counters")
     sub.add_parser("check", help="verify level invariants and every checksum")
@@ -109,6 +115,12 @@ class _Codec:
         return data.hex() if self.hex else escape(data)
 
 
+def _bounds(args: argparse.Namespace, codec: _Codec) -> tuple[bytes | None, bytes | None]:
+    lower = codec.arg(args.lower, "--from") if args.lower is not None else None
+    upper = codec.arg(args.upper, "--to") if args.upper is not None else None
+    return lower, upper
+
+
 def _run_db(args: argparse.Namespace, codec: _Codec) -> int:
     cmd = args.command
     if cmd == "scan" and args.limit is not None and args.limit < 0:
@@ -127,14 +139,16 @@ def _run_db(args: argparse.Namespace, codec: _Codec) -> int:
         elif cmd == "delete":
             db.delete(codec.arg(args.key, "key"), sync=args.sync)
         elif cmd == "scan":
-            lower = codec.arg(args.lower, "--from") if args.lower is not None else None
-            upper = codec.arg(args.upper, "--to") if args.upper is not None else None
+            lower, upper = _bounds(args, codec)
             n = 0
             for key, value in db.iterator(lower, upper, reverse=args.reverse):
                 if args.limit is not None and n >= args.limit:
                     break
                 print(f"{codec.show(key)}\t{codec.show(value)}")
                 n += 1
+        elif cmd == "hash":
+            digest, count = content_hash(db.iterator(*_bounds(args, codec)))
+            print(f"{digest}  {count} keys")
         elif cmd == "compact":
             db.compact_range()
             db.wait_for_compactions()
