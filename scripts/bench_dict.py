@@ -17,6 +17,9 @@ import threading
 import time
 from pathlib import Path
 
+from benchlib.latency import percentile
+from benchlib.table import print_table
+
 from encfs.filedict import SNAPSHOT_OPS_PER_RECORD, FileDictionary, FileInfo, Put
 
 MAC_KEY = bytes(range(32))
@@ -51,8 +54,9 @@ def appends(d: FileDictionary, until: threading.Event, first: int, limit: int) -
 
 
 def summary(latencies: list[float]) -> tuple[float, float, float]:
+    """Median, 99th percentile and longest, in milliseconds."""
     ordered = sorted(latencies)
-    return (ordered[len(ordered) // 2] * 1000, ordered[int(len(ordered) * 0.99)] * 1000,
+    return (percentile(ordered, 0.5) * 1000, percentile(ordered, 0.99) * 1000,
             ordered[-1] * 1000)
 
 
@@ -91,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         b, dr = summary(before), summary(during)
         verdict = "PASS" if dr[2] <= TARGET_MS else "MISS"
         print(f"\nrewrite of {args.entries:,} entries: {rewrite_s[0]:.2f} s, {len(during):,}"
-              " durable appends meanwhile, none lost\n")
-        print(f"{'appends':<16}{'median ms':>10}{'p99 ms':>10}{'max ms':>10}  target")
-        print(f"{'before':<16}{b[0]:>10.2f}{b[1]:>10.2f}{b[2]:>10.2f}")
-        print(f"{'during rewrite':<16}{dr[0]:>10.2f}{dr[1]:>10.2f}{dr[2]:>10.2f}"
-              f"  max <= {TARGET_MS:g} ms: {verdict}")
+              " durable appends meanwhile, none lost")
+        print_table(("appends", "median ms", "p99 ms", "max ms", "target"),
+                    [("before", *(f"{x:.2f}" for x in b), ""),
+                     ("during rewrite", *(f"{x:.2f}" for x in dr),
+                      f"max <= {TARGET_MS:g} ms: {verdict}")], "lrrrl")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

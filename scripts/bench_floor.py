@@ -6,7 +6,8 @@ its rate is the floor under every small-file figure of bench_fs. The empty
 filesystem runs pyfuse3 on trio exactly as the tdefs daemon does but answers with
 constants: the ratio tdefs/empty shows how much of the floor is tdefs's own code, and
 gocryptfs/empty how far the binding is from a compiled daemon. The targets are
-measured in turns, several rounds, keeping each one's best round.
+measured in turns, several rounds, keeping each one's best round, and each round
+runs idle and beside a busy neighbour (benchlib/neighbour.py): a table for each.
 """
 
 from __future__ import annotations
@@ -20,10 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib.guard import BenchError, run_guarded
+from benchlib.neighbour import CONDITIONS, condition, conditions_for
+from benchlib.processes import run_command
+from benchlib.table import print_table
+from benchlib.targets import (
+    FuseTarget,
+    GocryptfsTarget,
+    TdefsTarget,
+    default_base_dir,
+    started_targets,
+)
 
-import bench_fs  # noqa: E402
-from bench_fs import BenchError, FuseTarget, GocryptfsTarget, TdefsTarget, is_mounted  # noqa: E402
+from mount.mount_table import is_mounted
 
 
 class EmptyTarget(FuseTarget):
@@ -45,7 +55,7 @@ class EmptyTarget(FuseTarget):
             time.sleep(0.02)
 
     def unmount(self) -> None:
-        bench_fs.run(["fusermount3", "-u", str(self.mountpoint)])
+        run_command(["fusermount3", "-u", str(self.mountpoint)])
         self.proc.wait(10)
 
 
@@ -80,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each target's best counts")
     parser.add_argument("--peers", default="", help="gocryptfs: measure it too")
     parser.add_argument("--dir", type=Path, help="where to make the work directory")
+    parser.add_argument("--condition", choices=(*CONDITIONS, "both"), default="both",
+                        help="idle, beside a busy neighbour, or both (default both)")
     parser.add_argument("--serve", metavar="MOUNTPOINT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -89,28 +101,34 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--calls and --rounds must be at least 1")
     if args.peers not in ("", "gocryptfs"):
         parser.error(f"unknown peer {args.peers!r} (choose gocryptfs)")
-    return bench_fs.run_guarded("bench_floor", lambda: floor(args))
+    return run_guarded("bench_floor", lambda: floor(args))
 
 
 def floor(args: argparse.Namespace) -> int:
-    base = args.dir if args.dir is not None else bench_fs.default_base_dir()
+    base = args.dir if args.dir is not None else default_base_dir()
     base.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="tdefs-floor-", dir=base))
     names = ["empty", "tdefs"] + (["gocryptfs"] if args.peers else [])
     classes = {"empty": EmptyTarget, "tdefs": TdefsTarget, "gocryptfs": GocryptfsTarget}
-    best: dict[str, float] = {}
+    conditions = conditions_for(args.condition)
+    best: dict[str, dict[str, float]] = {c: {} for c in conditions}
     try:
-        with bench_fs.started_targets(root, names, classes) as targets:
+        with started_targets(root, names, classes) as targets:
             for _ in range(args.rounds):
-                for name, target in targets.items():
-                    best[name] = max(best.get(name, 0.0), rate(target.workdir, args.calls))
+                for cond in conditions:
+                    with condition(cond):
+                        for name, target in targets.items():
+                            calls = rate(target.workdir, args.calls)
+                            best[cond][name] = max(best[cond].get(name, 0.0), calls)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"statfs round trips, best of {args.rounds} rounds of {args.calls:,} calls")
-    print(f"{'target':<10} {'calls/s':>9} {'us/call':>8} {'x empty':>8}")
-    for name in names:
-        print(f"{name:<10} {best[name]:>9,.0f} {1e6 / best[name]:>8.1f} "
-              f"{best[name] / best['empty']:>8.2f}")
+    for cond in conditions:
+        rates = best[cond]
+        print_table(("target", "calls/s", "us/call", "x empty"),
+                    [(name, f"{rates[name]:,.0f}", f"{1e6 / rates[name]:.1f}",
+                      f"{rates[name] / rates['empty']:.2f}") for name in names],
+                    "lrrr", title=f"{cond}: statfs round trips, best of {args.rounds} rounds "
+                                  f"of {args.calls:,} calls")
     return 0
 
 

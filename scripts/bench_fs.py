@@ -6,8 +6,15 @@ in its own directory under one work directory on the same filesystem; whatever t
 script mounts is unmounted again, and its daemons stopped, on any exit (an error, a
 Ctrl-C or a SIGTERM).
 
-Figures are rates (higher is better) except the daemon's peak resident memory and
-the "sparse" group's times, allocations and delays (lower is better).
+Every group of workloads runs in two conditions, idle and beside a busy neighbour
+(benchlib/neighbour.py), each with its own table: a FUSE round trip costs much more
+when the daemon's CPU halts between requests. After each table another sets tdefs's
+time per small-file operation beside its floor: the round trips the operation takes
+times the cost of one, plus what its files.dict syncs cost on the raw disk.
+
+Figures are rates (higher is better) except the daemon's peak resident memory, the
+raw fdatasync time and the "sparse" group's times, allocations and delays (lower is
+better).
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,21 +34,30 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+from benchlib import pgbench
+from benchlib.guard import BenchError, run_guarded
+from benchlib.latency import percentile
+from benchlib.memory import MemorySampler
+from benchlib.neighbour import CONDITIONS, condition, conditions_for
+from benchlib.table import fmt_ratio, fmt_value, print_table
+from benchlib.targets import (
+    TDEFS,
+    FuseTarget,
+    Target,
+    TdefsTarget,
+    default_base_dir,
+    drop_page_cache,
+    open_to_others,
+    shared_with_other_users,
+    started_targets,
+)
 
 from mount.mount_table import filesystem_type, is_mounted
 
-REPO = Path(__file__).resolve().parents[1]
-TDEFS = [sys.executable, "-m", "mount.cli"]
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 RSS_LIMIT_MIB = 200
-TARGET_NAMES = ("raw", "tdefs", "gocryptfs")
-
-
-class BenchError(Exception):
-    """A problem that ends the run with a one-line message."""
 
 
 # ---------------------------------------------------------------------------
@@ -58,16 +73,24 @@ class Sizes:
     appends: int
     kv_keys: int
     kv_synced_keys: int
+    pg_scale: int            # pgbench: scale of the data set, clients, seconds of the run
+    pg_clients: int
+    pg_seconds: int
     # a workload that runs longer than this stops early; its rate is still exact
     op_time_cap: float
 
 
 FULL = Sizes(seq_bytes=GiB, rand_file_bytes=256 * MiB, rand_ops=20_000, small_files=5_000,
-             appends=2_000, kv_keys=200_000, kv_synced_keys=2_000, op_time_cap=60.0)
+             appends=2_000, kv_keys=200_000, kv_synced_keys=2_000, pg_scale=10, pg_clients=4,
+             pg_seconds=30, op_time_cap=60.0)
 QUICK = Sizes(seq_bytes=16 * MiB, rand_file_bytes=8 * MiB, rand_ops=500, small_files=200,
-              appends=100, kv_keys=5_000, kv_synced_keys=50, op_time_cap=10.0)
+              appends=100, kv_keys=5_000, kv_synced_keys=50, pg_scale=1, pg_clients=2,
+              pg_seconds=3, op_time_cap=10.0)
 SMALL_FILE_BYTES = 4 * KiB
 STATFS_PER_FILE = 4
+# a files.dict record is about this size; raw_fdatasync times one append and fdatasync
+DICT_RECORD_BYTES = 128
+RAW_SYNCS = 200
 RAND_BLOCK = 4 * KiB
 SEQ_BLOCK = MiB
 KV_KEY_BYTES = 16
@@ -89,250 +112,6 @@ def parse_size(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------
-# host helpers
-
-
-def drop_page_cache() -> bool:
-    """Write back and drop the kernel's page, dentry and inode caches (needs root)."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def default_base_dir() -> Path:
-    # tmpfs would measure RAM, not a disk, for the raw target and the backing files
-    for candidate in (Path(tempfile.gettempdir()), Path("/var/tmp")):
-        if candidate.is_dir() and filesystem_type(candidate) not in ("tmpfs", "ramfs"):
-            return candidate
-    raise BenchError("both /tmp and /var/tmp are in memory; give --dir on a disk")
-
-
-def processes_for(mountpoint: Path, program: str | None = None) -> list[psutil.Process]:
-    """The daemons serving `mountpoint`, found by their command line."""
-    target = str(mountpoint)
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if proc.pid == os.getpid() or target not in cmd:
-            continue
-        if os.path.basename(cmd[0]) in ("fusermount3", "fusermount", "umount", "mount"):
-            continue
-        if "umount" in cmd or (program is not None and program not in cmd[0]):
-            continue
-        found.append(proc)
-    return found
-
-
-def stop_processes(procs: list[psutil.Process]) -> None:
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-
-
-def run(cmd: list[str], env: dict | None = None, timeout: float = 120) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=timeout)
-    if proc.returncode != 0:
-        out = (proc.stdout + proc.stderr).decode(errors="replace").strip()
-        last = out.splitlines()[-1] if out else f"exit status {proc.returncode}"
-        raise BenchError(f"{' '.join(map(str, cmd[:4]))} ...: {last}")
-
-
-# ---------------------------------------------------------------------------
-# targets
-
-
-class Target:
-    """A directory to benchmark in, and how to make its caches cold."""
-
-    name = "?"
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.workdir = root
-
-    def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def make_cold(self) -> None:
-        """Forget every cached page of this target, so the next read goes to the disk."""
-        drop_page_cache()
-
-    def stop(self) -> None:
-        """Unmount and stop daemons; never raises, may run more than once."""
-
-    def daemons(self) -> list[psutil.Process]:
-        return []
-
-
-class RawTarget(Target):
-    """A plain directory on the same filesystem as the encrypted targets' backing dirs."""
-
-    name = "raw"
-
-
-class FuseTarget(Target):
-    """A FUSE mount over a backing directory, remounted to make its caches cold."""
-
-    program: str | None = None
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.backing = root / "backing"
-        self.mountpoint = root / "mnt"
-        self.workdir = self.mountpoint
-
-    def start(self) -> None:
-        self.backing.mkdir(parents=True)
-        self.mountpoint.mkdir()
-        self.init()
-        self.mount()
-
-    def init(self) -> None:
-        raise NotImplementedError
-
-    def mount(self) -> None:
-        raise NotImplementedError
-
-    def unmount(self) -> None:
-        raise NotImplementedError
-
-    def make_cold(self) -> None:
-        # the kernel keeps a FUSE file's pages across opens; remounting is the sure way
-        self.unmount()
-        drop_page_cache()
-        self.mount()
-
-    def daemons(self) -> list[psutil.Process]:
-        return processes_for(self.mountpoint, self.program)
-
-    def stop(self) -> None:
-        if is_mounted(self.mountpoint):
-            with contextlib.suppress(BenchError, subprocess.TimeoutExpired, OSError):
-                self.unmount()
-        if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
-        stop_processes(self.daemons())
-        if is_mounted(self.mountpoint):
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
-
-
-class TdefsTarget(FuseTarget):
-    name = "tdefs"
-    program = None  # a Python process; its exact command line is the daemon's business
-
-    extra_init_args: tuple[str, ...] = ()
-    extra_mount_args: tuple[str, ...] = ()
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.key_file = root / "master.key"
-        self.log = root / "daemon.log"
-        self.env = {k: v for k, v in os.environ.items() if k != "TDEFS_FAILPOINTS"}
-
-    def init(self) -> None:
-        run([*TDEFS, "init", str(self.backing), "--key-file", str(self.key_file),
-             "--generate-key", *self.extra_init_args], env=self.env)
-
-    def mount(self) -> None:
-        run([*TDEFS, "mount", str(self.backing), str(self.mountpoint),
-             "--key-file", str(self.key_file), "--log", str(self.log),
-             *self.extra_mount_args], env=self.env)
-        if not is_mounted(self.mountpoint):
-            raise BenchError(f"tdefs mount returned, but {self.mountpoint} is not mounted")
-
-    def unmount(self) -> None:
-        run([*TDEFS, "umount", str(self.mountpoint)], env=self.env)
-        wait_gone(self.daemons)
-
-
-
-class GocryptfsTarget(FuseTarget):
-    name = "gocryptfs"
-    program = "gocryptfs"
-    password_cmd = "echo bench-password"
-
-    def init(self) -> None:
-        if shutil.which("gocryptfs") is None:
-            raise BenchError("gocryptfs is not installed (apt-get install gocryptfs)")
-        # scryptn 10 keeps the key derivation out of the mount time
-        run(["gocryptfs", "-init", "-q", "-extpass", self.password_cmd, "-scryptn", "10",
-             str(self.backing)])
-
-    def mount(self) -> None:
-        run(["gocryptfs", "-q", "-extpass", self.password_cmd, str(self.backing),
-             str(self.mountpoint)])
-        if not is_mounted(self.mountpoint):
-            raise BenchError(f"gocryptfs returned, but {self.mountpoint} is not mounted")
-
-    def unmount(self) -> None:
-        run(["fusermount3", "-u", str(self.mountpoint)])
-        wait_gone(self.daemons)
-
-
-def wait_gone(find: Callable[[], list[psutil.Process]], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while find() and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
-TARGET_CLASSES: dict[str, type[Target]] = {
-    "raw": RawTarget, "tdefs": TdefsTarget, "gocryptfs": GocryptfsTarget}
-
-
-# ---------------------------------------------------------------------------
-# daemon memory
-
-
-class RssSampler:
-    """Samples the summed resident memory of the tdefs daemons in a background thread."""
-
-    def __init__(self, target: Target | None, interval: float = 0.05) -> None:
-        self.target = target
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        if self.target is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        procs: list[psutil.Process] = []
-        last_lookup = 0.0
-        while not self._stop.wait(self.interval):
-            now = time.monotonic()
-            # the daemon changes on every remount: look again when it is gone, and now and then
-            if not procs or now - last_lookup > 1.0:
-                with contextlib.suppress(psutil.Error, OSError):
-                    procs = self.target.daemons()
-                last_lookup = now
-            total, alive = 0, []
-            for proc in procs:
-                try:
-                    total += proc.memory_info().rss
-                    alive.append(proc)
-                except psutil.Error:
-                    pass
-            procs = alive
-            if alive:
-                self.samples += 1
-                self.peak = max(self.peak, total)
-
-
-# ---------------------------------------------------------------------------
 # workloads
 
 
@@ -344,13 +123,15 @@ class Row:
     unit: str
     versus: str | None = None     # "raw" or "gocryptfs": the peer the target compares with
     factor: float = 0.0           # tdefs must reach factor x that peer
+    raw_factor: float = 0.0       # and, when set, raw_factor x raw as well
     note: str = ""
     limit: float | None = None    # lower is better, and tdefs must stay at or under this
     floor: float | None = None    # higher is better, and tdefs must reach this itself
+    smaller: bool = False         # lower is better, with no target
 
     @property
     def lower_is_better(self) -> bool:
-        return self.limit is not None
+        return self.limit is not None or self.smaller
 
 
 ROWS = (
@@ -359,6 +140,7 @@ ROWS = (
     Row("rand_read_4k", "ops/s"),
     Row("rand_write_4k", "ops/s", "gocryptfs", 1.0),
     Row("statfs", "calls/s"),
+    Row("raw_fdatasync", "us", smaller=True),
     Row("small_create", "files/s", "gocryptfs", 0.5),
     Row("small_stat", "files/s"),
     Row("small_read", "files/s", "gocryptfs", 0.5),
@@ -367,6 +149,7 @@ ROWS = (
     Row("append_fsync", "ops/s", "gocryptfs", 0.8),
     Row("rocksdb_fill", "puts/s", "raw", 0.8),
     Row("rocksdb_fill_sync", "puts/s", "raw", 0.5),
+    Row("pgbench", "tps", "gocryptfs", 1.3, raw_factor=0.85),
     Row("truncate_1g", "ms", limit=10.0),
     Row("truncate_1g_alloc", "KiB", limit=8.0),
     Row("write_at_1g", "ms", limit=10.0),
@@ -390,10 +173,28 @@ class Context:
     sizes: Sizes
     rng: random.Random
     results: dict[str, float] = field(default_factory=dict)
+    # tdefs only: per small-file row, the FUSE requests and files.dict fdatasyncs per
+    # operation, as the daemon counted them
+    per_op: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
         return self.target.workdir
+
+
+@contextlib.contextmanager
+def counted(ctx: Context, row: str, ops: int) -> Iterator[None]:
+    """Count what the daemon does while the block runs (on tdefs; elsewhere nothing):
+    FUSE requests and files.dict fdatasyncs per operation go to ctx.per_op[row]. Dirty
+    pages and times of earlier phases are written back first, so they count for none."""
+    if not isinstance(ctx.target, TdefsTarget):
+        yield
+        return
+    os.sync()
+    before = ctx.target.daemon_counters()
+    yield
+    after = ctx.target.daemon_counters()
+    ctx.per_op[row] = {k: (after[k] - before[k]) / ops for k in after}
 
 
 class Stopwatch:
@@ -501,14 +302,22 @@ def small_file_workloads(ctx: Context) -> None:
             os.statvfs(top)
     ctx.results["statfs"] = calls / sw.elapsed
 
-    with Stopwatch() as sw:
+    if ctx.target.name == "raw":
+        # what one durable files.dict record costs the disk itself: the floor's syncs
+        record = ctx.rng.randbytes(DICT_RECORD_BYTES)
+        took = synced_appends(top / "records", record, RAW_SYNCS, os.fdatasync)
+        os.unlink(top / "records")
+        # the median: another process's burst of I/O must not raise the floor
+        ctx.results["raw_fdatasync"] = percentile(sorted(took), 0.5) * 1e6
+
+    with counted(ctx, "small_create", n), Stopwatch() as sw:
         for path in names:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.write(fd, payload)
             os.close(fd)
     ctx.results["small_create"] = n / sw.elapsed
 
-    with Stopwatch() as sw:
+    with counted(ctx, "small_stat", n), Stopwatch() as sw:
         for path in names:
             if os.stat(path).st_size != SMALL_FILE_BYTES:
                 raise BenchError(f"{path.name} has the wrong size")
@@ -525,33 +334,44 @@ def small_file_workloads(ctx: Context) -> None:
     ctx.results["small_read"] = n / sw.elapsed
 
     renamed = [top / f"g{i:05d}" for i in range(n)]
-    with Stopwatch() as sw:
+    with counted(ctx, "small_rename", n), Stopwatch() as sw:
         for src, dst in zip(names, renamed, strict=True):
             os.rename(src, dst)
     ctx.results["small_rename"] = n / sw.elapsed
 
-    with Stopwatch() as sw:
+    with counted(ctx, "small_unlink", n), Stopwatch() as sw:
         for path in renamed:
             os.unlink(path)
     ctx.results["small_unlink"] = n / sw.elapsed
     top.rmdir()
 
 
+def synced_appends(path: Path, block: bytes, count: int, sync: Callable[[int], None]) -> list[float]:
+    """The seconds each of `count` appends of `block` to `path` took, each with the
+    `sync` (os.fsync or os.fdatasync) of the file that follows it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    clock = time.perf_counter
+    took = []
+    try:
+        os.sync()  # earlier workloads' dirty pages are not this one's cost
+        for _ in range(count):
+            start = clock()
+            os.write(fd, block)
+            sync(fd)
+            took.append(clock() - start)
+    finally:
+        os.close(fd)
+    return took
+
+
 def append_workload(ctx: Context) -> None:
     n = ctx.sizes.appends
     block = ctx.rng.randbytes(4 * KiB)
     path = ctx.dir / "append.log"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        with Stopwatch() as sw:
-            for _ in range(n):
-                os.write(fd, block)
-                os.fsync(fd)
-    finally:
-        os.close(fd)
+    took = synced_appends(path, block, n, os.fsync)
     if os.stat(path).st_size != n * len(block):
         raise BenchError("append_fsync: the file has the wrong size")
-    ctx.results["append_fsync"] = n / sw.elapsed
+    ctx.results["append_fsync"] = n / sum(took)
     os.unlink(path)
 
 
@@ -627,7 +447,7 @@ def sparse_workloads(ctx: Context) -> None:
     if failed:
         raise BenchError(f"copying in failed: {failed[0]}")
     delays.sort()
-    ctx.results["stat_while_copy_p99"] = delays[min(len(delays) - 1, len(delays) * 99 // 100)] * 1000
+    ctx.results["stat_while_copy_p99"] = percentile(delays, 0.99) * 1000
     ctx.results["stat_while_copy_max"] = delays[-1] * 1000
     os.unlink(copied)
     os.unlink(other)
@@ -738,14 +558,33 @@ def rocksdb_workloads(ctx: Context) -> None:
     ctx.results["rocksdb_fill_sync"] = fill("rocksdb-sync", ctx.sizes.kv_synced_keys, sync=True)
 
 
+def pgbench_workload(ctx: Context) -> None:
+    """PostgreSQL with its data directory on the target: pgbench's TPC-B-like script,
+    fsync and synchronous_commit on (benchlib/pgbench.py)."""
+    why = pgbench.missing()
+    if why is not None:
+        raise BenchError(f"pgbench: {why}")
+    with shared_with_other_users(ctx.target):
+        where = ctx.dir / "pgbench"
+        where.mkdir()
+        try:
+            # the work directory and what leads to it, up to the base directory
+            open_to_others(where, ctx.target.root.parent.parent)
+            ctx.results["pgbench"] = pgbench.run_pgbench(
+                where, ctx.sizes.pg_scale, ctx.sizes.pg_clients, ctx.sizes.pg_seconds)
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+
+
 WORKLOADS: dict[str, tuple[Callable[[Context], None], tuple[str, ...]]] = {
     "seq": (seq_workloads, ("seq_write", "seq_read")),
     "rand": (rand_workloads, ("rand_read_4k", "rand_write_4k")),
     "small": (small_file_workloads,
-              ("statfs", "small_create", "small_stat", "small_read", "small_rename",
+              ("statfs", "raw_fdatasync", "small_create", "small_stat", "small_read", "small_rename",
                "small_unlink")),
     "append": (append_workload, ("append_fsync",)),
     "rocksdb": (rocksdb_workloads, ("rocksdb_fill", "rocksdb_fill_sync")),
+    "pgbench": (pgbench_workload, ("pgbench",)),
     "sparse": (sparse_workloads, ("truncate_1g", "truncate_1g_alloc", "write_at_1g",
                                   "write_at_1g_alloc", "stat_while_copy_p99",
                                   "stat_while_copy_max")),
@@ -759,27 +598,26 @@ WORKLOADS: dict[str, tuple[Callable[[Context], None], tuple[str, ...]]] = {
 # reporting
 
 
-def fmt_value(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.1f}"
+CONDITION_TITLES = {
+    "idle": "idle: nothing else runs, so a CPU may halt between requests",
+    "busy": "busy neighbour: a spinner at nice 19 on each other CPU keeps it out of halt",
+}
+# the small-file rows whose time per operation is set beside its floor; small_read is
+# not one of them, since its cold reads wait for the disk, which the floor leaves out
+FLOOR_ROWS = ("small_create", "small_stat", "small_rename", "small_unlink")
+
+Results = dict[str, dict[str, float]]   # target -> row -> figure
 
 
-def fmt_ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a is not None and b else "-"
-
-
-def verdict(row: Row, results: dict[str, dict[str, float]]) -> tuple[str, str]:
+def verdict(row: Row, results: Results) -> tuple[str, str]:
     """(target text, PASS/MISS/n/a) for one row."""
-    if row.lower_is_better or row.floor is not None:
+    if row.limit is not None or row.floor is not None:
         mine = results.get("tdefs", {}).get(row.name)
-        goal = (f"<= {row.limit:g} {row.unit}" if row.lower_is_better
+        goal = (f"<= {row.limit:g} {row.unit}" if row.limit is not None
                 else f">= {row.floor:g} {row.unit}")
         if mine is None:
             return goal, "n/a"
-        met = mine <= row.limit if row.lower_is_better else mine >= row.floor  # type: ignore[operator]
+        met = mine <= row.limit if row.limit is not None else mine >= row.floor  # type: ignore[operator]
         return goal, "PASS" if met else "MISS"
     if row.versus is None:
         return "-", ""
@@ -788,11 +626,19 @@ def verdict(row: Row, results: dict[str, dict[str, float]]) -> tuple[str, str]:
     peer = results.get(row.versus, {}).get(row.name)
     if mine is None or peer is None:
         return goal, "n/a"
-    return goal, "PASS" if mine >= row.factor * peer else "MISS"
+    met = mine >= row.factor * peer
+    if row.raw_factor:
+        goal += f", >= {row.raw_factor:g} x raw"
+        raw = results.get("raw", {}).get(row.name)
+        if raw is None:
+            return goal, "n/a"
+        met = met and mine >= row.raw_factor * raw
+    return goal, "PASS" if met else "MISS"
 
 
-def print_table(results: dict[str, dict[str, float]], rows: list[Row],
-                peak_rss: float | None) -> list[dict]:
+def report_rows(results: Results, rows: list[Row], peak_rss: float | None,
+                title: str) -> list[dict]:
+    """Print one condition's table: every row on every target, the ratios, the verdicts."""
     header = ("workload", "unit", "raw", "tdefs", "tdefs/raw", "gocryptfs",
               "tdefs/gocryptfs", "target", "result")
     lines, records = [], []
@@ -813,14 +659,35 @@ def print_table(results: dict[str, dict[str, float]], rows: list[Row],
         records.append({"workload": RSS_ROW, "unit": "MiB", "raw": None, "tdefs": peak_rss,
                         "gocryptfs": None, "target": f"< {RSS_LIMIT_MIB} MiB",
                         "result": outcome})
-    widths = [max(len(str(x[i])) for x in [header, *lines]) for i in range(len(header))]
-    print()
-    for i, line in enumerate([header, *lines]):
-        cells = [str(c).ljust(w) if j < 2 or j >= 7 else str(c).rjust(w)
-                 for j, (c, w) in enumerate(zip(line, widths, strict=True))]
-        print("  ".join(cells).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(header, lines, "llrrrrrll", title=title)
+    return records
+
+
+def report_floors(results: Results, per_op: dict[str, dict[str, float]]) -> list[dict]:
+    """Print, for each small-file row measured on tdefs, its µs per operation beside its
+    floor: the FUSE requests the daemon counted per operation times tdefs's statfs time
+    (one round trip), plus its files.dict fdatasyncs per operation times raw_fdatasync."""
+    mine = results.get("tdefs", {})
+    statfs = mine.get("statfs")
+    sync_us = results.get("raw", {}).get("raw_fdatasync")
+    rows = [r for r in FLOOR_ROWS if r in mine and r in per_op]
+    if not statfs or not rows:
+        return []
+    trip_us = 1e6 / statfs
+    lines, records = [], []
+    for name in rows:
+        us = 1e6 / mine[name]
+        requests, syncs = per_op[name]["requests"], per_op[name]["dict_syncs"]
+        floor = None if syncs and sync_us is None else requests * trip_us + syncs * (sync_us or 0)
+        lines.append((name, fmt_value(us), f"{requests:.2f}", f"{syncs:.2f}", fmt_value(floor),
+                      fmt_ratio(us, floor)))
+        records.append({"workload": name, "tdefs_us": us, "requests": requests,
+                        "dict_syncs": syncs, "floor_us": floor})
+    print_table(("operation", "tdefs us/op", "requests/op", "dict syncs/op", "floor us/op",
+                 "tdefs/floor"), lines, "lrrrrr",
+                title=f"tdefs against its floor: requests x {trip_us:.1f} us (its statfs) + "
+                      "dict syncs x " + (f"{sync_us:.0f} us (raw_fdatasync)" if sync_us
+                                         else "raw_fdatasync (not measured: no raw target)"))
     return records
 
 
@@ -851,6 +718,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pass OPT to `tdefs mount` (repeatable), e.g. --mount-option=--xattrs")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run every workload N times and keep the best figure (default 1)")
+    parser.add_argument("--condition", choices=(*CONDITIONS, "both"), default="both",
+                        help="run idle, beside a busy neighbour (a niced spinner on each "
+                             "other CPU), or both, each with its own table (default both)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
@@ -881,30 +751,9 @@ def sizes_for(args: argparse.Namespace) -> Sizes:
     return Sizes(**{**base.__dict__, "seq_bytes": args.size})
 
 
-def raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def started_targets(root: Path, names: list[str],
-                    classes: dict[str, type[Target]] = TARGET_CLASSES) -> Iterator[dict[str, Target]]:
-    targets: dict[str, Target] = {}
-    try:
-        for name in names:
-            target = classes[name](root / name)
-            targets[name] = target
-            t0 = time.perf_counter()
-            target.start()
-            print(f"  {name:<10} ready in {target.workdir} ({time.perf_counter() - t0:.2f} s)",
-                  flush=True)
-        yield targets
-    finally:
-        for target in targets.values():
-            target.stop()
-
-
 def bench(args: argparse.Namespace) -> int:
     sizes = sizes_for(args)
+    conditions = conditions_for(args.condition)
     TdefsTarget.extra_init_args = tuple(args.init_option)
     TdefsTarget.extra_mount_args = tuple(args.mount_option)
     base = args.dir if args.dir is not None else default_base_dir()
@@ -912,7 +761,7 @@ def bench(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="tdefs-bench-", dir=base))
     print(f"bench_fs: work dir {root} ({filesystem_type(root)}), targets "
           f"{', '.join(args.targets)}, workloads {', '.join(args.only)}, "
-          f"sequential {sizes.seq_bytes / MiB:.0f} MiB"
+          f"sequential {sizes.seq_bytes / MiB:.0f} MiB, {' and '.join(conditions)}"
           + (f", best of {args.repeat}" if args.repeat > 1 else "")
           + (f", tdefs init {' '.join(args.init_option)}" if args.init_option else "")
           + (f", tdefs mount {' '.join(args.mount_option)}" if args.mount_option else ""),
@@ -920,39 +769,26 @@ def bench(args: argparse.Namespace) -> int:
     if not drop_page_cache():
         print("bench_fs: cannot drop the page cache (not root): cold reads only remount",
               flush=True)
-    results: dict[str, dict[str, float]] = {name: {} for name in args.targets}
+    results: dict[str, Results] = {c: {name: {} for name in args.targets} for c in conditions}
+    per_op: dict[str, dict[str, dict[str, float]]] = {c: {} for c in conditions}
+    peaks: dict[str, float] = {}
     failures: list[str] = []
     try:
         with started_targets(root, args.targets) as targets, \
-                RssSampler(targets.get("tdefs")) as rss:
+                MemorySampler(targets["tdefs"].daemons if "tdefs" in targets else None,
+                              interval=0.05, find_every=1.0) as memory:
             for round_no, group in ((r, g) for r in range(args.repeat) for g in args.only):
-                func, row_names = WORKLOADS[group]
                 if args.repeat > 1 and group == args.only[0]:
                     print(f"  round {round_no + 1} of {args.repeat}", flush=True)
-                for name, target in targets.items():
-                    ctx = Context(target, sizes, random.Random(f"{args.seed}-{group}"))
-                    t0 = time.perf_counter()
-                    try:
-                        func(ctx)
-                    except (OSError, BenchError) as exc:
-                        failures.append(f"{group} on {name}: {exc}")
-                        print(f"  {group:<8} {name:<10} FAILED: {exc}", flush=True)
-                        if name != "raw" and isinstance(target, FuseTarget) \
-                                and not is_mounted(target.mountpoint):
-                            raise BenchError(f"{name} is no longer mounted") from exc
-                        continue
-                    for row, value in ctx.results.items():
-                        # best of the rounds: noise from other load only ever slows a run
-                        best = min if ROW_BY_NAME[row].lower_is_better else max
-                        results[name][row] = best(value, results[name].get(row, value))
-                    figures = "  ".join(
-                        f"{r} {fmt_value(ctx.results[r])}"
-                        + (f" ({fmt_ratio(ctx.results[r], results['raw'].get(r))} x raw)"
-                           if name != "raw" and "raw" in results else "")
-                        for r in row_names if r in ctx.results)
-                    print(f"  {group:<8} {name:<10} {figures}  [{time.perf_counter() - t0:.1f} s]",
-                          flush=True)
-            peak = rss.peak / MiB if rss.samples else None
+                # each group in each condition in turn, so drifting load meets both alike
+                for cond in conditions:
+                    memory.take_peak()
+                    with condition(cond):
+                        run_group(group, cond, targets, sizes, args.seed, results[cond],
+                                  per_op[cond], failures)
+                    peak = memory.take_peak()
+                    if peak is not None:
+                        peaks[cond] = max(peaks.get(cond, 0.0), peak / MiB)
     finally:
         if args.keep:
             print(f"bench_fs: kept {root}")
@@ -960,27 +796,46 @@ def bench(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     chosen_rows = [row for group in args.only for row in ROWS if row.name in WORKLOADS[group][1]]
-    records = print_table(results, chosen_rows, peak)
+    tables = {}
+    for cond in conditions:
+        rows = report_rows(results[cond], chosen_rows, peaks.get(cond), CONDITION_TITLES[cond])
+        floors = report_floors(results[cond], per_op[cond])
+        tables[cond] = {"rows": rows, "floors": floors}
     if args.json:
         args.json.write_text(json.dumps({"sizes": sizes.__dict__, "targets": args.targets,
-                                         "rows": records, "failures": failures}, indent=2))
+                                         "conditions": tables, "failures": failures}, indent=2))
     for failure in failures:
         print(f"bench_fs: error: {failure}", file=sys.stderr)
     return 1 if failures else 0
 
 
-def run_guarded(prog: str, run: Callable[[], int]) -> int:
-    """Run a benchmark: SIGTERM stops it like Ctrl-C, and a BenchError or an
-    interruption ends it with a one-line message (its targets clean up on the way out)."""
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        return run()
-    except BenchError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; everything unmounted", file=sys.stderr)
-        return 130
+def run_group(group: str, cond: str, targets: dict[str, Target], sizes: Sizes, seed: int,
+              results: Results, per_op: dict[str, dict[str, float]], failures: list[str]) -> None:
+    """One workload group on every target in turn; each figure kept if it is the best yet."""
+    func, row_names = WORKLOADS[group]
+    for name, target in targets.items():
+        ctx = Context(target, sizes, random.Random(f"{seed}-{group}"))
+        t0 = time.perf_counter()
+        try:
+            func(ctx)
+        except (OSError, BenchError) as exc:
+            failures.append(f"{group} on {name} ({cond}): {exc}")
+            print(f"  {group:<8} {cond:<4} {name:<10} FAILED: {exc}", flush=True)
+            if isinstance(target, FuseTarget) and not is_mounted(target.mountpoint):
+                raise BenchError(f"{name} is no longer mounted") from exc
+            continue
+        for row, value in ctx.results.items():
+            # best of the rounds: noise from other load only ever slows a run
+            best = min if ROW_BY_NAME[row].lower_is_better else max
+            results[name][row] = best(value, results[name].get(row, value))
+        per_op.update(ctx.per_op)
+        figures = "  ".join(
+            f"{r} {fmt_value(ctx.results[r])}"
+            + (f" ({fmt_ratio(ctx.results[r], results['raw'].get(r))} x raw)"
+               if name != "raw" and "raw" in results else "")
+            for r in row_names if r in ctx.results)
+        print(f"  {group:<8} {cond:<4} {name:<10} {figures}  [{time.perf_counter() - t0:.1f} s]",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,15 +37,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_fs import REPO, TDEFS, BenchError, TdefsTarget, run_guarded  # noqa: E402
+from benchlib.guard import BenchError, run_guarded
+from benchlib.processes import REPO, clean_env, gone, wait_gone
+from benchlib.table import print_table
+from benchlib.targets import TDEFS, TdefsTarget
 
 _LSMDB_BIN = Path(sys.executable).with_name("lsmdb")
 LSMDB = [str(_LSMDB_BIN)] if _LSMDB_BIN.exists() else [sys.executable, "-m", "engine.cli"]
@@ -467,15 +467,6 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def gone(proc: psutil.Process) -> bool:
-    """Whether `proc` has exited: a zombie holds no files, and pid 1 here may take a
-    second or two to reap what was reparented to it."""
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def group_members(pgid: int) -> list[psutil.Process]:
     try:
         os.killpg(pgid, 0)
@@ -487,16 +478,6 @@ def group_members(pgid: int) -> list[psutil.Process]:
             if os.getpgid(proc.pid) == pgid and not gone(proc):
                 members.append(proc)
     return members
-
-
-def wait_gone(find: Callable[[], list[psutil.Process]], timeout: float = EXIT_DEADLINE_S) -> bool:
-    """Wait until `find` finds no process that has not exited; False at the deadline."""
-    deadline = time.monotonic() + timeout
-    while [proc for proc in find() if not gone(proc)]:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def wait_group_gone(pgid: int, timeout: float = EXIT_DEADLINE_S) -> bool:
@@ -514,7 +495,7 @@ class ChildProcesses:
 
     def start(self, args: list[str], **kwargs) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args],
-                                cwd=REPO, env=child_env(), start_new_session=True, **kwargs)
+                                cwd=REPO, env=clean_env(), start_new_session=True, **kwargs)
         self.procs.append(proc)
         return proc
 
@@ -540,10 +521,6 @@ class ChildProcesses:
                 proc.wait(EXIT_DEADLINE_S)
             wait_group_gone(proc.pid)
         self.procs.clear()
-
-
-def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "TDEFS_FAILPOINTS"}
 
 
 def last_line(text: str | bytes) -> str:
@@ -743,7 +720,7 @@ class CrashTest:
         if kind != "writer":
             # the daemon's pid, asked for now and read at the kill: the writer starts meanwhile
             status = subprocess.Popen([*TDEFS, "status", str(self.vault.mountpoint), "--json"],
-                                      cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                                      cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE)
         early = self.rng.random() < EARLY_KILL_SHARE
         delay = self.rng.uniform(*(EARLY_KILL_WINDOW_S if early else KILL_WINDOW_S))
@@ -817,13 +794,13 @@ class CrashTest:
             daemon = [psutil.Process(pid)]
         except psutil.NoSuchProcess:
             return
-        if not wait_gone(lambda: daemon):
+        if not wait_gone(lambda: daemon, EXIT_DEADLINE_S):
             outcome.problems.append(f"daemon {pid} still runs {EXIT_DEADLINE_S} s after SIGKILL")
 
     def verify(self, writer: str, state_file: Path, outcome: Outcome) -> Verdict | None:
         path = database_path(self.vault.mountpoint, writer)
         if writer == "lsmdb":
-            check = subprocess.run([*LSMDB, str(path), "check"], cwd=REPO, env=child_env(),
+            check = subprocess.run([*LSMDB, str(path), "check"], cwd=REPO, env=clean_env(),
                                    capture_output=True, timeout=CHECK_TIMEOUT_S)
             (self.iter_dir / "lsmdb-check.out").write_bytes(check.stdout + check.stderr)
             if check.returncode != 0:
@@ -844,7 +821,7 @@ class CrashTest:
     def fsck(self, outcome: Outcome) -> None:
         proc = subprocess.run([*TDEFS, "fsck", str(self.vault.backing),
                                "--key-file", str(self.vault.key_file)],
-                              cwd=REPO, env=child_env(), capture_output=True,
+                              cwd=REPO, env=clean_env(), capture_output=True,
                               timeout=CHECK_TIMEOUT_S)
         (self.iter_dir / "fsck.out").write_bytes(proc.stdout + proc.stderr)
         if proc.returncode != 0:
@@ -938,13 +915,7 @@ class CrashTest:
         if len(rows) > 1:
             rows.append(("all", *(sum(r[i] for r in rows) for i in range(1, 7)),
                          format_time(sum(t.seconds for t in self.totals.values()))))
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        print()
-        for i, row in enumerate([header, *rows]):
-            print("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w)
-                            for j, (c, w) in enumerate(zip(row, widths, strict=True))))
-            if i == 0:
-                print("  ".join("-" * w for w in widths))
+        print_table(header, rows, "l" + "r" * (len(header) - 1))
 
     @property
     def failures(self) -> int:
