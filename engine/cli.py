@@ -1,6 +1,7 @@
 """The ``lsmdb`` command: use and inspect an engine database from a shell.
 
     lsmdb PATH put KEY VALUE | get KEY | delete KEY
+    lsmdb PATH delete-range BEGIN END | single-delete KEY
     lsmdb PATH scan [--from KEY] [--to KEY] [--limit N] [--reverse]
     lsmdb PATH compact | stats | check
     lsmdb PATH hash [--from KEY] [--to KEY]
@@ -27,15 +28,16 @@ from .db import DB
 from .errors import EngineError
 from .options import Options
 from .table_reader import TableReader
+from .tags import KIND_PUT, KIND_SINGLE_DELETE
 from .version import VersionEdit
 from .wal import read_records
-from .write_batch import decode_batch
+from .write_batch import SINGLE_DELETE, RangeEnd, decode_batch
 
 DUMP_COMMANDS = ("dump-manifest", "dump-sst", "dump-wal")
 # Only reads, so a mistyped PATH is reported rather than turned into a database.
 READ_ONLY_COMMANDS = ("get", "scan", "hash", "stats", "check")
 # May create the database; compact needs one to exist, as there is nothing to compact.
-CREATING_COMMANDS = ("put", "delete")
+CREATING_COMMANDS = ("put", "delete", "delete-range", "single-delete")
 
 
 class UsageError(Exception):
@@ -74,6 +76,15 @@ def _parser() -> _Parser:
     s = sub.add_parser("get", help="print the value of KEY")
     s.add_argument("key")
     s = sub.add_parser("delete", help="delete KEY")
+    s.add_argument("key")
+    s.add_argument("--sync", action="store_true")
+    s = sub.add_parser("delete-range",
+                       help="delete every key in [BEGIN, END) with one range tombstone")
+    s.add_argument("begin")
+    s.add_argument("end")
+    s.add_argument("--sync", action="store_true")
+    s = sub.add_parser("single-delete",
+                       help="delete KEY, put exactly once since its last deletion")
     s.add_argument("key")
     s.add_argument("--sync", action="store_true")
     s = sub.add_parser("scan", help="print key/value pairs in order")
@@ -125,6 +136,11 @@ def _run_db(args: argparse.Namespace, codec: _Codec) -> int:
     cmd = args.command
     if cmd == "scan" and args.limit is not None and args.limit < 0:
         raise UsageError("--limit must not be negative")
+    if cmd == "delete-range":
+        begin = codec.arg(args.begin, "BEGIN")
+        end = codec.arg(args.end, "END")
+        if begin > end:
+            raise UsageError(f"BEGIN {codec.show(begin)} sorts after END {codec.show(end)}")
     options = Options(create_if_missing=cmd in CREATING_COMMANDS, background_processes=False)
     with DB.open(args.path, options, read_only=cmd in READ_ONLY_COMMANDS) as db:
         if cmd == "put":
@@ -138,6 +154,10 @@ def _run_db(args: argparse.Namespace, codec: _Codec) -> int:
             print(codec.show(value))
         elif cmd == "delete":
             db.delete(codec.arg(args.key, "key"), sync=args.sync)
+        elif cmd == "delete-range":
+            db.delete_range(begin, end, sync=args.sync)
+        elif cmd == "single-delete":
+            db.single_delete(codec.arg(args.key, "key"), sync=args.sync)
         elif cmd == "scan":
             lower, upper = _bounds(args, codec)
             n = 0
@@ -176,6 +196,10 @@ def _dump(args: argparse.Namespace, codec: _Codec) -> int:
             for i, (key, value) in enumerate(ops):
                 if value is None:
                     print(f"  {seq + i} delete {codec.show(key)}")
+                elif value is SINGLE_DELETE:
+                    print(f"  {seq + i} single-delete {codec.show(key)}")
+                elif isinstance(value, RangeEnd):
+                    print(f"  {seq + i} delete-range {codec.show(key)} .. {codec.show(value.end)}")
                 else:
                     print(f"  {seq + i} put {codec.show(key)} = {codec.show(value)}")
     elif args.command == "dump-manifest":
@@ -199,7 +223,7 @@ def _dump(args: argparse.Namespace, codec: _Codec) -> int:
         for start, end, seq in reader.range_tombstones:
             print(f"range tombstone {codec.show(start)} .. {codec.show(end)} @ {seq}")
         for key, tag, value in reader.entries():
-            kind = "put" if value is not None else "delete"
+            kind = {KIND_PUT: "put", KIND_SINGLE_DELETE: "single-delete"}.get(tag & 0xFF, "delete")
             shown = f" = {codec.show(value)}" if value is not None else ""
             print(f"{codec.show(key)} @ {tag >> 8} {kind}{shown}")
         reader.close()

@@ -11,6 +11,26 @@ so they can run in a forked child (engine/background.py).
 Invariant of the merge: for each user key the newest version is kept, an older one
 only while a snapshot sees it, and a deletion is dropped only at the bottom of the
 tree when no snapshot could see an older version beneath it.
+
+Range tombstones. A version under a tombstone of the inputs with a higher sequence
+number is dropped when no snapshot lies between the two (no reader sees the version
+but not the tombstone). A tombstone is dropped when a newer one over the same keys
+hides it from every snapshot, or at the bottom of the tree when no snapshot is older
+than it: nothing it could cover remains below. Outputs are cut between user keys;
+each output gets the tombstones cut to its share of the key space, ``[successor of
+the previous output's last key, successor of its own last key)`` (the first output
+from the start, the last to the end), so outputs never share a key and levels >= 1
+never overlap (engine/range_tombstones.py).
+
+Single deletion contract: a ``single_delete`` is issued only for a key put exactly
+once since its last deletion. A single deletion meeting, as the next older version
+with no snapshot between them, a put drops and is dropped with it, at any level;
+the versions below them are then judged as if the pair had never been written (a
+deletion there still hides older puts; engine/memtable.py keeps a deletion a put
+replaces for this). Otherwise it behaves as a deletion. If the contract was broken
+(two puts, or mixed with ``delete``), an older value may come back to reads:
+undefined, as in RocksDB, but every step above still only keeps or drops whole
+entries, so no file is damaged.
 """
 
 from __future__ import annotations
@@ -23,9 +43,10 @@ from itertools import repeat
 from operator import neg, or_
 
 from .memtable import MemTable
+from .range_tombstones import FragmentedTombstones, fragment, successor
 from .table_builder import TableBuilder
 from .table_reader import TableReader
-from .tags import KIND_DELETE, KIND_PUT
+from .tags import KIND_DELETE, KIND_PUT, KIND_SINGLE_DELETE
 from .version import FileMeta, Version
 
 
@@ -142,9 +163,17 @@ def flush_job(mem: MemTable, path: str, block_size: int, compression: str,
     builder = TableBuilder(path, block_size, compression, bloom_bits)
     try:
         keys = mem.sorted_keys()
-        if mem.older:
+        if mem.older or mem.single_deletes:
+            sdels = mem.single_deletes
+            keys, tags, values = [], [], []
             for key, seq, value in mem.entries():
-                builder.add(key, seq, value)
+                keys.append(key)
+                if value is None:
+                    tags.append(seq << 8 | (KIND_SINGLE_DELETE if seq in sdels else KIND_DELETE))
+                    values.append(b"")
+                else:
+                    tags.append(seq << 8 | KIND_PUT)
+                    values.append(value)
         else:
             seqs = list(map(mem.seqs.__getitem__, keys))
             values = list(map(mem.values.__getitem__, keys))
@@ -155,9 +184,11 @@ def flush_job(mem: MemTable, path: str, block_size: int, compression: str,
             else:
                 # seq << 8 | KIND_PUT for every key, in C.
                 tags = list(map(or_, map((256).__mul__, seqs), repeat(KIND_PUT)))
-            step = 1 << 14
-            for i in range(0, len(keys), step):
-                builder.add_many(keys[i:i + step], tags[i:i + step], values[i:i + step])
+        step = 1 << 14
+        for i in range(0, len(keys), step):
+            builder.add_many(keys[i:i + step], tags[i:i + step], values[i:i + step])
+        for start, end, seq in mem.range_dels:
+            builder.add_range_tombstone(start, end, seq)
         return builder.finish()
     except BaseException:
         builder.abandon()
@@ -169,8 +200,8 @@ class _Cursor:
 
     __slots__ = ("_blocks", "keys", "tags", "values", "pos", "rank")
 
-    def __init__(self, paths: list[str], rank: int) -> None:
-        self._blocks = (blk for path in paths for blk in TableReader(path, 0).blocks())
+    def __init__(self, readers: list[TableReader], rank: int) -> None:
+        self._blocks = (blk for reader in readers for blk in reader.blocks())
         self.rank = rank
         self.keys: list[bytes] | None = None
         self.advance()
@@ -185,7 +216,8 @@ class _Cursor:
         return False
 
 
-def _merged_windows(groups: list[list[str]]) -> Iterator[list[tuple[bytes, int, int, bytes]]]:
+def _merged_windows(groups: list[list[TableReader]],
+                    ) -> Iterator[list[tuple[bytes, int, int, bytes]]]:
     """Yield sorted lists of ``(key, rank, -tag, value)``; every version of a key is
     in one list, and lists come in key order.
 
@@ -217,6 +249,33 @@ def _merged_windows(groups: list[list[str]]) -> Iterator[list[tuple[bytes, int, 
         yield batch
 
 
+def _surviving_tombstones(tombs: FragmentedTombstones, snaps: list[int],
+                          bottommost: bool) -> FragmentedTombstones:
+    """The pieces of ``tombs`` with the sequence numbers a compaction must keep: per
+    piece, the newest of each snapshot stripe (an older one in the same stripe is
+    hidden from every reader by the newer), none at the bottom of the tree in the
+    stripe below every snapshot."""
+    starts: list[bytes] = []
+    ends: list[bytes] = []
+    seqs: list[tuple[int, ...]] = []
+    for start, end, over in zip(tombs.starts, tombs.ends, tombs.seqs, strict=True):
+        kept = []
+        last_stripe = -1
+        for t in over:  # highest first
+            stripe = bisect_left(snaps, t)
+            if stripe == last_stripe:
+                continue
+            last_stripe = stripe
+            if bottommost and stripe == 0:
+                continue
+            kept.append(t)
+        if kept:
+            starts.append(start)
+            ends.append(end)
+            seqs.append(tuple(kept))
+    return FragmentedTombstones(starts, ends, seqs)
+
+
 def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int],
                    bottommost: bool, target_size: int, block_size: int, compression: str,
                    bloom_bits: int) -> list[dict]:
@@ -227,16 +286,44 @@ def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int
     """
     snaps = sorted(snapshots)
     nsnaps = len(snaps)
+    readers = [[TableReader(path, 0) for path in group] for group in groups]
+    tombs = fragment(t for group in readers for r in group for t in r.range_tombstones)
+    newest_above = tombs.newest_above if len(tombs) else None
+    kept_tombs = _surviving_tombstones(tombs, snaps, bottommost)
+    # Where the next output's share of the tombstones begins (None: from the start).
+    tomb_lower: bytes | None = None
     outputs: list[dict] = []
     builder: TableBuilder | None = None
     cur: bytes | None = None
     newer_seq = 0
+
+    def finish(last_key: bytes | None) -> None:
+        """Give ``builder`` its tombstones up to just past ``last_key`` (None: all the
+        rest) and finish it."""
+        nonlocal builder, tomb_lower
+        assert builder is not None
+        upper = successor(last_key) if last_key is not None else None
+        for start, end, seq in kept_tombs.clipped(tomb_lower, upper):
+            builder.add_range_tombstone(start, end, seq)
+        tomb_lower = upper
+        stats = builder.finish()
+        stats["path"] = builder.path
+        outputs.append(stats)
+        builder = None
+
     try:
-        for batch in _merged_windows(groups):
+        for batch in _merged_windows(readers):
             keys: list[bytes] = []
             tags: list[int] = []
             values: list[bytes] = []
-            for key, _, ntag, value in batch:
+            n = len(batch)
+            vanish = -1  # the index of a put that goes with the single deletion before it
+            for idx in range(n):
+                key, _, ntag, value = batch[idx]
+                if idx == vanish:
+                    # Older versions are judged as if the pair had never been written.
+                    cur = None
+                    continue
                 tag = -ntag
                 seq = tag >> 8
                 if key != cur:
@@ -251,8 +338,23 @@ def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int
                         continue
                 else:
                     continue
-                if tag & 0xFF == KIND_DELETE and bottommost and (not nsnaps or snaps[0] >= seq):
-                    continue
+                if newest_above is not None:
+                    t = newest_above(key, seq)
+                    # Covered, and no snapshot sees this version without the tombstone.
+                    if t and (not nsnaps or (i := bisect_left(snaps, seq)) == nsnaps
+                              or snaps[i] >= t):
+                        continue
+                kind = tag & 0xFF
+                if kind != KIND_PUT:
+                    if bottommost and (not nsnaps or snaps[0] >= seq):
+                        continue
+                    if kind == KIND_SINGLE_DELETE and idx + 1 < n:
+                        nkey, _, nntag, _ = batch[idx + 1]
+                        if nkey == key and -nntag & 0xFF == KIND_PUT:
+                            i = bisect_left(snaps, -nntag >> 8)
+                            if i == nsnaps or snaps[i] >= seq:  # no snapshot between
+                                vanish = idx + 1
+                                continue
                 keys.append(key)
                 tags.append(tag)
                 values.append(value)
@@ -263,15 +365,13 @@ def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int
                                        compression, bloom_bits)
             builder.add_many(keys, tags, values)
             if builder.file_size >= target_size:
-                stats = builder.finish()
-                stats["path"] = builder.path
-                outputs.append(stats)
-                builder = None
+                finish(keys[-1])
+        if builder is None and next(kept_tombs.clipped(tomb_lower, None), None) is not None:
+            # Tombstones past the last output (or with no point entry left at all).
+            builder = TableBuilder(f"{tmp_prefix}{len(outputs)}.tmp", block_size,
+                                   compression, bloom_bits)
         if builder is not None:
-            stats = builder.finish()
-            stats["path"] = builder.path
-            outputs.append(stats)
-            builder = None
+            finish(None)
     except BaseException:
         if builder is not None:
             builder.abandon()
@@ -281,4 +381,8 @@ def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int
             except FileNotFoundError:
                 pass
         raise
+    finally:
+        for group in readers:
+            for r in group:
+                r.close()
     return outputs

@@ -12,6 +12,10 @@ wakes writers waiting for room and the background threads. ``_vlock`` serialises
 MANIFEST edits and the file-number counter; a thread holding both takes ``_vlock``
 first.
 
+Range tombstones (``delete_range``) are read through engine/range_tombstones.py:
+while the read view holds any, ``get`` takes a path that asks each source's
+fragmented tombstones, and iterators combine them (engine/iterator.py).
+
 Readers take no lock: ``_sv`` (memtable, immutable memtables newest first, version)
 is replaced as one tuple, so a reader always sees a consistent set. A version is
 published before the memtable it absorbed is dropped from ``_sv``.
@@ -38,12 +42,13 @@ from .filename import LOCK, log_name, obsolete_files, remove_files, sync_dir, ta
 from .iterator import releasing, scan
 from .memtable import ABSENT, ENTRY_OVERHEAD, MemTable
 from .options import Options
+from .range_tombstones import largest_covered
 from .recovery import check_directory, recover
 from .snapshots import Snapshot, SnapshotList
-from .table_reader import MISS
+from .table_reader import MISS, TableReader
 from .version import FileMeta, Version, VersionEdit, VersionSet, check_version
 from .wal import WAL_PREALLOCATE, LogWriter, frame
-from .write_batch import WriteBatch, as_bytes, encode_batch, put_record
+from .write_batch import Op, WriteBatch, as_bytes, encode_batch, insert_into, op_bytes, put_record
 from .write_controller import Room, WriteController
 
 
@@ -160,6 +165,7 @@ class DB:
 
     def _publish(self, version: Version) -> None:
         """Make ``version`` and the memtables visible to readers (caller may hold _lock)."""
+        version.note_range_tombstones()
         self._sv = (self._mem, tuple(reversed(self._imms)), version)
         self._write_controller.set_level0_files(len(version.levels[0]))
 
@@ -237,7 +243,8 @@ class DB:
             seq = self._seq + 1
             self._wal_write(put_record(seq, key, value))
             mem = self._mem
-            if self._snapshots.newest < 0:
+            # Over a deletion, MemTable.add decides what to keep.
+            if self._snapshots.newest < 0 and mem.values.get(key, key) is not None:
                 mem.seqs[key] = seq
                 mem.values[key] = value
                 mem.size += len(key) + len(value) + ENTRY_OVERHEAD
@@ -264,37 +271,31 @@ class DB:
                     self._sync_wal()
             return
         if self._write_controller.slowdown:
-            self._write_controller.delay(sum(len(k) + (len(v) if v is not None else 0)
-                                             + ENTRY_OVERHEAD for k, v in ops), self._mem.size)
+            self._write_controller.delay(op_bytes(ops), self._mem.size)
         with self._lock:
-            self._apply(ops, sync)
+            self._apply(ops, sync, batch._plain)
 
-    def delete_range(self, begin: bytes, end: bytes, sync: bool = False) -> int:
-        """Delete every key in ``[begin, end)`` atomically; return how many there were.
+    def delete_range(self, begin: bytes, end: bytes, sync: bool = False) -> None:
+        """Delete every key in ``[begin, end)``: one range tombstone, whose cost does
+        not depend on how many keys the range holds. ``begin == end`` deletes nothing;
+        ``begin > end`` is InvalidArgument."""
+        batch = WriteBatch()
+        batch.delete_range(begin, end)
+        self.write(batch, sync=sync)
 
-        Written as one batch of point deletions while writers wait, so no write can
-        land in the range between finding the keys and deleting them. The cost is
-        proportional to the keys in the range (the tables' range-tombstone block
-        is reserved for a constant-cost form).
-        """
-        begin = as_bytes(begin, "begin")
-        end = as_bytes(end, "end")
-        if self._write_controller.slowdown:
-            self._write_controller.delay(0, self._mem.size)
-        with self._lock:
-            # Unconditional: with no key in the range nothing is appended to refuse.
-            self._check_writable()
-            mem, imms, version = self._sv
-            mems = [m for m in (mem, *imms) if len(m)]
-            keys = [k for k, _ in scan(mems, version, begin, end, False, self._seq)]
-            if keys:
-                self._apply([(k, None) for k in keys], sync)
-            elif sync:
-                self._sync_wal()
-            return len(keys)
+    def single_delete(self, key: bytes, sync: bool = False) -> None:
+        """Delete ``key``, which must have been put exactly once since it was last
+        deleted; in compaction the deletion and that put vanish together. Putting the
+        key twice, or mixing in ``delete``, breaks the contract: what reads return
+        then is undefined (an older value may come back), but nothing crashes and no
+        file is damaged (docs/engine-format.md, "Single deletion")."""
+        batch = WriteBatch()
+        batch.single_delete(key)
+        self.write(batch, sync=sync)
 
-    def _apply(self, ops: list[tuple[bytes, bytes | None]], sync: bool) -> None:
-        """Log and apply a batch (caller holds ``_lock``)."""
+    def _apply(self, ops: list[Op], sync: bool, plain: bool = True) -> None:
+        """Log and apply a batch (caller holds ``_lock``); ``plain``: only puts and
+        deletes, which take the fast form."""
         if self._closed or self._bg_error is not None:
             self._check_writable()
         first = self._seq + 1
@@ -302,22 +303,29 @@ class DB:
         mem = self._mem
         size = 0
         newest_snapshot = self._snapshots.newest
-        if newest_snapshot < 0:
-            # One dict.update is atomic for readers that take no lock.
-            values = {}
+        if plain and newest_snapshot < 0:
+            # One dict.update is atomic for readers that take no lock. A put over a
+            # deletion (in the memtable or earlier in the batch) is MemTable.add's to
+            # apply, so then the batch takes the general form below.
+            values: dict[bytes, bytes | None] = {}
             seqs = {}
             seq = first
+            mem_values = mem.values
             for key, value in ops:
-                values[key] = value
+                if value is not None and (values.get(key, key) is None
+                                          or mem_values.get(key, key) is None):
+                    plain = False
+                    break
+                values[key] = value  # type: ignore[assignment]
                 seqs[key] = seq
                 size += len(key) + (len(value) if value is not None else 0) + ENTRY_OVERHEAD
                 seq += 1
-            mem.seqs.update(seqs)
-            mem.values.update(values)
-            mem.size += size
-        else:
-            for i, (key, value) in enumerate(ops):
-                mem.add(first + i, key, value, newest_snapshot)
+            else:
+                mem.seqs.update(seqs)
+                mem_values.update(values)
+                mem.size += size
+        if not plain or newest_snapshot >= 0:
+            insert_into(mem, first, ops, newest_snapshot)
         self._seq = first + len(ops) - 1
         if sync:
             self._sync_wal()
@@ -385,6 +393,10 @@ class DB:
         if type(key) is not bytes:
             key = as_bytes(key, "key")
         mem, imms, version = self._sv
+        if mem.range_dels or version.has_range_tombstones or (
+                imms and any(imm.range_dels for imm in imms)):
+            return self._get_under_tombstones(
+                key, None if snapshot is None else snapshot.seq, mem, imms, version)
         if snapshot is None:
             snap = None
             value = mem.values.get(key, ABSENT)
@@ -427,6 +439,35 @@ class DB:
                             r = r.lookup(key, snap)
                             if r is not MISS:
                                 return r  # type: ignore[return-value]
+        return None
+
+    def _get_under_tombstones(self, key: bytes, snap: int | None, mem: MemTable,
+                              imms: tuple[MemTable, ...], version: Version) -> bytes | None:
+        """``get`` in a view holding range tombstones. Sources are read newest first;
+        the version found is deleted when a tombstone over ``key`` that the read sees,
+        in its source or a newer one, has a higher sequence number. Each source answers
+        with one binary search in its fragmented tombstones."""
+        covered = 0
+        for m in (mem, *imms):
+            if m.range_dels:
+                t = m.tombstones().covering(key, snap)
+                if t > covered:
+                    covered = t
+            found = m.version(key, snap)
+            if found is not None:
+                return None if found[0] < covered else found[1]
+        h = key_hash(key)
+        for f in version.levels[0]:
+            if f.smallest <= key <= f.largest:
+                covered, found = _table_get(f.reader, key, h, snap, covered)
+                if found is not MISS:
+                    return found  # type: ignore[return-value]
+        for files, largests in version.runs:
+            i = _bisect(largests, key)
+            if i < len(files) and files[i].smallest <= key:
+                covered, found = _table_get(files[i].reader, key, h, snap, covered)
+                if found is not MISS:
+                    return found  # type: ignore[return-value]
         return None
 
     def iterator(self, lower: bytes | None = None, upper: bytes | None = None,
@@ -522,6 +563,10 @@ class DB:
             if first is not None:
                 if first < f.smallest or reader.index_keys[-1] > f.largest:
                     raise Corruption(path, None, f"keys outside the MANIFEST's range (level {level})")
+            for start, end, _ in reader.range_tombstones:
+                if not start < end or start < f.smallest or largest_covered(end) > f.largest:
+                    raise Corruption(path, None, "range tombstone outside the MANIFEST's range "
+                                                 f"(level {level})")
 
     def level_file_counts(self) -> dict[int, int]:
         """Number of tables at each level of the current version."""
@@ -600,3 +645,21 @@ class DB:
                 self.close()
             except Exception:  # noqa: BLE001 - interpreter shutdown
                 pass
+
+
+def _table_get(r: TableReader, key: bytes, h: int, snap: int | None,
+               covered: int) -> tuple[int, object]:
+    """One table's step of ``DB._get_under_tombstones``: ``covered`` raised by the
+    table's tombstones over ``key``, and the value it holds (None: deleted) or MISS;
+    ``h`` is the key's filter hash."""
+    tombs = r.tombstones
+    if tombs is not None:
+        t = tombs.covering(key, snap)
+        if t > covered:
+            covered = t
+    if r.bloom.may_contain(h):
+        found = r.lookup(key, snap, True)
+        if found is not MISS:
+            seq, value = found  # type: ignore[misc]
+            return covered, None if seq < covered else value
+    return covered, MISS

@@ -2,9 +2,10 @@
 
 ``scan`` makes one source per memtable, per level-0 table and per deeper level, each
 yielding ``(key, rank, value)`` in key order with the newest version visible at the
-read's sequence number (value None for a deletion); ``rank`` orders the sources
-newest first. The merge yields, for each key, the version of the lowest rank and
-leaves the key out when that version is a deletion. When one sorted run is the only
+read's sequence number (value None for a deletion, or for a version under a range
+tombstone the read sees); ``rank`` orders the sources newest first. The merge
+yields, for each key, the version of the lowest rank and leaves the key out when
+that version is a deletion. When one sorted run is the only
 source of a forward read, it is scanned straight through, with no merge.
 
 Invariant: an iterator yields every key live at its sequence number in
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from heapq import heapify, heappop, heapreplace
 
 from .memtable import MemTable
+from .range_tombstones import FragmentedTombstones, Tombstone, fragment
 from .snapshots import Snapshot
 from .table_reader import TableReader
 from .table_scan import scan_live, scan_tables
@@ -34,7 +36,8 @@ def scan(mems: list[MemTable], version: Version, lower: bytes | None, upper: byt
     """Merged live pairs of the memtables (newest first) and tables in range, as of ``seq``."""
     if lower is not None and upper is not None and lower >= upper:
         return iter(())
-    if not reverse and not mems:
+    tombs = read_tombstones(mems, version, lower, upper, seq)
+    if not reverse and not mems and tombs is None:
         single = _single_run(version, lower, upper, seq)
         if single is not None:
             return single
@@ -42,21 +45,41 @@ def scan(mems: list[MemTable], version: Version, lower: bytes | None, upper: byt
     sources = []
     rank = 0
     for m in mems:
-        sources.append(m.scan(lower, upper, seq, sign * rank, reverse))
+        sources.append(m.scan(lower, upper, seq, sign * rank, reverse, tombs))
         rank += 1
     for f in version.overlapping(0, lower, upper):
         snap = None if f.largest_seq <= seq else seq
-        sources.append(scan_tables(((f.reader, snap),), lower, upper, sign * rank, reverse))
+        sources.append(scan_tables(((f.reader, snap),), lower, upper, sign * rank, reverse,
+                                   tombs))
         rank += 1
     for level in range(1, len(version.levels)):
         if version.levels[level]:
             tables = level_tables(version.levels[level], version.largests[level],
                                   lower, upper, seq, reverse)
-            sources.append(scan_tables(tables, lower, upper, sign * rank, reverse))
+            sources.append(scan_tables(tables, lower, upper, sign * rank, reverse, tombs))
         rank += 1
     if len(sources) == 1:
         return _live(sources[0])
     return _merge_reverse(sources) if reverse else _merge_forward(sources)
+
+
+def read_tombstones(mems: list[MemTable], version: Version, lower: bytes | None,
+                    upper: bytes | None, seq: int) -> FragmentedTombstones | None:
+    """The range tombstones of every source that meet ``[lower, upper)`` and that a
+    read at ``seq`` sees, fragmented into one list (each piece with its highest
+    sequence number); None when there are none. Each source's own list is already
+    fragmented, so only the pieces in range are visited."""
+    raw: list[Tombstone] = []
+    for m in mems:
+        if m.range_dels:
+            raw += m.tombstones().visible(lower, upper, seq)
+    if version.has_range_tombstones:
+        for level in range(len(version.levels)):
+            for f in version.overlapping(level, lower, upper):
+                t = f.reader.tombstones
+                if t is not None:
+                    raw += t.visible(lower, upper, seq)
+    return fragment(raw) if raw else None
 
 
 def _single_run(version: Version, lower: bytes | None, upper: bytes | None,

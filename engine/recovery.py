@@ -40,7 +40,7 @@ from .snapshots import NO_SNAPSHOT
 from .table_reader import open_table
 from .version import FileMeta, VersionEdit, VersionSet, apply_edit, check_version
 from .wal import WAL_PREALLOCATE, LogWriter, read_records
-from .write_batch import decode_batch
+from .write_batch import decode_batch, insert_into
 
 
 @dataclass
@@ -127,8 +127,7 @@ def recover(path: str, options: Options, vs: VersionSet, cache: BlockCache, read
         lpath = os.path.join(path, log_name(number))
         for offset, payload in read_records(lpath):
             seq, ops = decode_batch(lpath, offset, payload)
-            for i, (key, value) in enumerate(ops):
-                mem.add(seq + i, key, value, NO_SNAPSHOT)
+            insert_into(mem, seq, ops, NO_SNAPSHOT)
             max_seq = max(max_seq, seq + len(ops) - 1)
             if mem.size >= options.write_buffer_size and not read_only:
                 edit.new_files.append((0, _write_level0(path, options, vs, cache, mem)))

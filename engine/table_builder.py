@@ -5,7 +5,9 @@ Entries collect in lists and are cut into data blocks in bulk, so adding costs a
 list appends per entry. A data block ends after the entry that brings its key and
 value bytes to ``block_size`` or more. Invariant: the table's smallest and largest
 keys (in its properties and in the stats ``finish`` returns for the MANIFEST) cover
-every entry and every range tombstone, whatever order the tombstones came in.
+every entry and every range tombstone, whatever order the tombstones came in; a
+tombstone's exclusive end counts as ``largest_covered(end)``
+(engine/range_tombstones.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from operator import add
 
 from .block import encode_block
 from .bloom import build_filter, key_hash
+from .range_tombstones import largest_covered
 from .table_format import (
     COMPRESSION_NONE,
     COMPRESSION_ZLIB,
@@ -80,7 +83,8 @@ class TableBuilder:
             self._cut(False)
 
     def add_many(self, keys: list[bytes], tags: list[int], values: list[bytes]) -> None:
-        """Add sorted entries in bulk; a tag is ``seq << 8 | kind``, deletions carry b''."""
+        """Add sorted entries in bulk; a tag is ``seq << 8 | kind``, deletions (and
+        single deletions) carry b''."""
         self._keys += keys
         self._tags += tags
         self._values += values
@@ -112,7 +116,7 @@ class TableBuilder:
                 self.first_key = keys[0]
             self._hashes += map(key_hash, keys[:s])
             self.num_entries += s
-            self.num_deletions += list(map((0xFF).__and__, done_tags)).count(KIND_DELETE)
+            self.num_deletions += s - list(map((0xFF).__and__, done_tags)).count(KIND_PUT)
             self.smallest_seq = min(self.smallest_seq, min(done_tags) >> 8)
             self.largest_seq = max(self.largest_seq, max(done_tags) >> 8)
         self._keys = keys[s:]
@@ -163,8 +167,9 @@ class TableBuilder:
         for start, _, end in rdels:
             if smallest is None or start < smallest:
                 smallest = start
-            if largest is None or end > largest:
-                largest = end
+            last = largest_covered(end)
+            if largest is None or last > largest:
+                largest = last
         if smallest is None or largest is None:
             smallest = largest = b""
         props = {

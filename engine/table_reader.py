@@ -23,6 +23,7 @@ from .block_cache import BlockCache
 from .bloom import BloomFilter
 from .errors import Corruption
 from .filename import table_name
+from .range_tombstones import FragmentedTombstones, fragment
 from .table_format import (
     FOOTER_SIZE,
     HANDLE,
@@ -88,6 +89,9 @@ class TableReader:
         rkeys, rtags, rvo, rdata = decode_block(self._read(*handles[2]), path, handles[2][0])
         self.range_tombstones = [
             (rkeys[i], rdata[rvo[i]:rvo[i + 1]], rtags[i] >> 8) for i in range(len(rkeys))]
+        # Fragmented once per table, for every read that meets it; None when empty.
+        self.tombstones: FragmentedTombstones | None = \
+            fragment(self.range_tombstones) if self.range_tombstones else None
         self.properties = decode_properties(self._read(*handles[3]), path, handles[3][0])
 
     def _read(self, off: int, size: int) -> bytes:
@@ -126,8 +130,9 @@ class TableReader:
             return MISS
         return self.lookup(key, snap)
 
-    def lookup(self, key: bytes, snap: int | None) -> object:
-        """``get`` without the filter (for callers that already asked it)."""
+    def lookup(self, key: bytes, snap: int | None, with_seq: bool = False) -> object:
+        """``get`` without the filter (for callers that already asked it); with
+        ``with_seq`` a found version comes as ``(seq, value)``."""
         index_keys = self.index_keys
         i = bisect_left(index_keys, key)
         n = self.num_blocks
@@ -144,8 +149,10 @@ class TableReader:
                     tag = tags[j]  # type: ignore[index]
                     if snap is None or tag >> 8 <= snap:
                         if tag & 0xFF == KIND_PUT:
-                            return data[base + vo[j]:base + vo[j + 1]]  # type: ignore[index]
-                        return None
+                            value = data[base + vo[j]:base + vo[j + 1]]  # type: ignore[index]
+                        else:
+                            value = None
+                        return (tag >> 8, value) if with_seq else value
                     j += 1
                 if j < m:
                     return MISS
@@ -168,8 +175,10 @@ class TableReader:
                 if snap is None or tag >> 8 <= snap:
                     if tag & 0xFF == KIND_PUT:
                         s, e = U32X2.unpack_from(data, blk.value_offsets_at + 4 * j)
-                        return data[base + s:base + e]
-                    return None
+                        value = data[base + s:base + e]
+                    else:
+                        value = None
+                    return (tag >> 8, value) if with_seq else value
                 j += 1
             if j < m:
                 return MISS
@@ -188,7 +197,7 @@ class TableReader:
             keys, tags, vo, data = decode_block(self._read(off, size), self.path, off)
             for j, k in enumerate(keys):
                 tag = tags[j]
-                yield k, tag, data[vo[j]:vo[j + 1]] if tag & 0xFF else None
+                yield k, tag, data[vo[j]:vo[j + 1]] if tag & 0xFF == KIND_PUT else None
 
     def verify(self) -> int:
         """Check every block's checksum and the ordering of all entries; return entry count."""

@@ -16,5 +16,8 @@ from __future__ import annotations
 
 KIND_DELETE = 0
 KIND_PUT = 1
-# Range-tombstone block entries only (engine/table_builder.py).
+# Write-batch operations and range-tombstone block entries; never in a data block.
 KIND_RANGE_DELETE = 2
+# A deletion that vanishes in compaction together with the one put it meets
+# (engine/compaction.py); reads treat it as KIND_DELETE.
+KIND_SINGLE_DELETE = 3

@@ -54,7 +54,7 @@ def _l0_order(f: FileMeta) -> tuple[int, int]:
 class Version:
     """One immutable table set. ``largests[L]`` lists the largest keys of level L."""
 
-    __slots__ = ("levels", "largests", "runs")
+    __slots__ = ("levels", "largests", "runs", "has_range_tombstones")
 
     def __init__(self, levels: list[list[FileMeta]]) -> None:
         self.levels = levels
@@ -62,9 +62,17 @@ class Version:
         # (files, largest keys) of the non-empty levels >= 1, for point reads.
         self.runs = [(files, self.largests[level]) for level, files in enumerate(levels)
                      if level and files]
+        # Whether any table holds a range tombstone: reads take the path that checks
+        # them only then. Known once the tables are open; the DB sets it on publishing.
+        self.has_range_tombstones = False
 
     def files(self) -> list[tuple[int, FileMeta]]:
         return [(level, f) for level, files in enumerate(self.levels) for f in files]
+
+    def note_range_tombstones(self) -> None:
+        """Set ``has_range_tombstones`` from the open tables."""
+        self.has_range_tombstones = any(
+            f.reader is not None and f.reader.tombstones is not None for _, f in self.files())
 
     def level_bytes(self, level: int) -> int:
         return sum(f.size for f in self.levels[level])

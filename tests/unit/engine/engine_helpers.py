@@ -11,3 +11,12 @@ def small_options(**kw) -> Options:
                 level0_file_num_compaction_trigger=2, background_processes=False)
     base.update(kw)
     return Options(**base)
+
+
+def run_lsmdb(capsys, *args) -> tuple[int, str, str]:
+    """Run `lsmdb ARGS` in this process: (exit status, stdout, stderr)."""
+    from engine.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,14 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from engine_helpers import run_lsmdb as run
 
 from engine.cli import main
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_put_get_delete_scan(tmp_path, capsys):

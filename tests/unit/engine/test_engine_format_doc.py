@@ -45,13 +45,13 @@ def read_batch(payload: bytes) -> list[tuple[int, int, bytes, bytes]]:
     for i in range(count):
         kind = payload[pos]
         pos += 1
-        if kind == 1:
+        if kind in (1, 2):  # a put's key and value, a range delete's begin and end
             klen, vlen = struct.unpack_from("<II", payload, pos)
             pos += 8
             key, value = payload[pos:pos + klen], payload[pos + klen:pos + klen + vlen]
             pos += klen + vlen
         else:
-            assert kind == 0, f"unknown operation kind {kind}"
+            assert kind in (0, 3), f"unknown operation kind {kind}"
             (klen,) = struct.unpack_from("<I", payload, pos)
             pos += 4
             key, value = payload[pos:pos + klen], b""
@@ -164,7 +164,10 @@ def read_database(path: Path) -> dict[bytes, bytes]:
             assert tag >> 8 <= largest_seq
             versions.setdefault(key, []).append((tag >> 8, tag & 0xFF, value))
         for start, end, tag in rdels:
-            assert bytes.fromhex(smallest) <= start and end <= bytes.fromhex(largest)
+            # the largest key covers an exclusive end e: e less its last byte if that is 0
+            covered_end = end[:-1] if end.endswith(b"\x00") else end
+            assert bytes.fromhex(smallest) <= start < end
+            assert covered_end <= bytes.fromhex(largest)
             tombstones.append((start, end, tag >> 8))
     logs = sorted(int(name.split(".")[0]) for name in os.listdir(path) if name.endswith(".log"))
     for number in logs:
@@ -172,7 +175,10 @@ def read_database(path: Path) -> dict[bytes, bytes]:
             continue
         for payload in read_log(path / f"{number:06d}.log"):
             for seq, kind, key, value in read_batch(payload):
-                versions.setdefault(key, []).append((seq, kind, value))
+                if kind == 2:
+                    tombstones.append((key, value, seq))
+                else:
+                    versions.setdefault(key, []).append((seq, kind, value))
     state = {}
     for key, found in versions.items():
         seq, kind, value = max(found)
@@ -192,11 +198,21 @@ def test_a_database_read_with_only_the_format_page(tmp_path):
             db.put(b"key%05d" % (i * 7 % 3000), b"value %d " % i * 3)
         for i in range(0, 3000, 5):
             db.delete(b"key%05d" % i)
+        snap = db.snapshot()  # keeps range tombstones in the tables through compaction
+        db.delete_range(b"key00500", b"key00900")
+        db.delete_range(b"key00100", b"key00150")  # out of order: the earlier start last
+        db.single_delete(b"key00001")
+        db.flush()
+        db.delete_range(b"key02000", b"key02010\x00")
         db.compact_range()
+        snap.release()
+        assert any(f.reader.range_tombstones for _, f in db._sv[2].files())
         db.wait_for_compactions()
         batch = WriteBatch()
         batch.put(b"key00001", b"in the log")
         batch.delete(b"key00002")
+        batch.delete_range(b"key00003", b"key00009")
+        batch.single_delete(b"key00011")
         db.write(batch, sync=True)
         db.put(b"zzz", b"last", sync=True)
         expected = dict(db.iterator())

@@ -66,3 +66,13 @@ def test_block_cache_respects_budget_and_lru():
     assert c.get(4) is None
     c.erase_table(1, 3)
     assert c.usage == 0
+
+
+def test_memtable_keeps_a_deletion_a_put_replaces():
+    m = MemTable(1)
+    m.add(1, b"k", None, -1)
+    m.add(2, b"k", b"v", -1)  # no snapshot, but the deletion stays under the put
+    m.add(3, b"j", b"a", -1)
+    m.add(4, b"j", b"b", -1)  # a put over a put replaces it
+    assert list(m.entries()) == [(b"j", 4, b"b"), (b"k", 2, b"v"), (b"k", 1, None)]
+    assert m.get(b"k") == (True, b"v")

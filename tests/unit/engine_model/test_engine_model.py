@@ -1,13 +1,16 @@
 """Model-based test of the engine: a hypothesis state machine checked against a dict.
 
 Every operation of the public API runs on the DB and on a plain dict (plus a frozen copy
-per live snapshot); every read compares the two. The options are tiny (2 KiB memtable
-and files, 8 KiB level base, multiplier 2) so that a few hundred writes already flush,
-compact L0 into L1 and push data down to L2 and beyond, with tombstones and
-snapshot-pinned versions crossing every level; half the examples build tables in forked
-children, half in threads, and both compressions are used. After the machine has run, the
-test checks that files reached L1 and L2 and that flushes, compactions and trivial moves
-all happened, so a change that stops compaction cannot make it pass vacuously.
+per live snapshot); every read compares the two. Range deletions cover the keys between
+two drawn bounds; single deletions are drawn only from keys the model knows were put
+exactly once since they were last deleted (the contract of ``single_delete``). The
+options are tiny (2 KiB memtable and files, 8 KiB level base, multiplier 2) so that a few
+hundred writes already flush, compact L0 into L1 and push data down to L2 and beyond,
+with tombstones and snapshot-pinned versions crossing every level; half the examples
+build tables in forked children, half in threads, and both compressions are used. After
+the machine has run, the test checks that files reached L1 and L2, that flushes,
+compactions and trivial moves all happened, and that range and single deletions were
+issued, so a change that stops compaction cannot make it pass vacuously.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from hypothesis.stateful import (
     consumes,
     initialize,
     invariant,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -55,6 +59,8 @@ values = st.one_of(
 
 # What the machine saw across all examples: levels that held files, compaction seen.
 COVERAGE: dict[str, set[int]] = {"levels": set()}
+# How many range deletions and single deletions the machine issued, over all examples.
+ISSUED: dict[str, int] = {"delete_range": 0, "single_delete": 0}
 # Engine counters summed over every DB session of every example.
 COUNTERS = ("flushes", "compactions", "trivial_moves")
 TOTALS: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -117,6 +123,8 @@ class EngineModel(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="engine-model-"))
         self.path = str(self.dir / "db")
         self.state: dict[bytes, bytes] = {}
+        # Puts of each key since it was last deleted: single_delete needs exactly one.
+        self.puts: dict[bytes, int] = {}
         self.live: list[Snap] = []
         self.db: DB | None = None
         self.options: Options | None = None
@@ -149,36 +157,86 @@ class EngineModel(RuleBasedStateMachine):
     def _note_levels(self) -> None:
         COVERAGE["levels"] |= levels_with_files(self.db)
 
+    def _model_put(self, key: bytes, value: bytes) -> None:
+        self.state[key] = value
+        self.puts[key] = self.puts.get(key, 0) + 1
+
+    def _model_delete(self, key: bytes) -> None:
+        self.state.pop(key, None)
+        self.puts.pop(key, None)
+
+    def _model_delete_range(self, begin: bytes, end: bytes) -> None:
+        for key in [k for k in self.state if begin <= k < end]:
+            self._model_delete(key)
+        for key in [k for k in self.puts if begin <= k < end]:
+            self._model_delete(key)
+
     # ------------------------------------------------------------------ writes
 
     @rule(key=keys, value=values, sync=st.booleans())
     def put(self, key: bytes, value: bytes, sync: bool) -> None:
         self.db.put(key, value, sync=sync)
-        self.state[key] = value
+        self._model_put(key, value)
 
     @rule(key=keys, sync=st.booleans())
     def delete(self, key: bytes, sync: bool) -> None:
         self.db.delete(key, sync=sync)
-        self.state.pop(key, None)
+        self._model_delete(key)
+
+    @rule(begin=keys, end=bounds, sync=st.booleans())
+    def delete_range(self, begin: bytes, end: bytes | None, sync: bool) -> None:
+        if end is None:
+            end = b"\xff" * 3  # above every key the machine writes
+        begin, end = min(begin, end), max(begin, end)
+        self.db.delete_range(begin, end, sync=sync)
+        self._model_delete_range(begin, end)
+        ISSUED["delete_range"] += 1
+
+    @precondition(lambda self: any(n == 1 for n in self.puts.values()))
+    @rule(data=st.data(), sync=st.booleans())
+    def single_delete(self, data: st.DataObject, sync: bool) -> None:
+        key = data.draw(st.sampled_from(sorted(k for k, n in self.puts.items() if n == 1)))
+        self.db.single_delete(key, sync=sync)
+        self._model_delete(key)
+        ISSUED["single_delete"] += 1
+
+    @rule(key=keys, value=values, flush=st.booleans())
+    def delete_put_once_single_delete(self, key: bytes, value: bytes, flush: bool) -> None:
+        """Within the contract: the single deletion meets the one put since the
+        deletion, which must still hide any older put once the pair has vanished."""
+        self.db.delete(key)
+        self.db.put(key, value)
+        if flush:
+            self.db.flush()
+        self.db.single_delete(key)
+        self._model_delete(key)
+        ISSUED["single_delete"] += 1
 
     @rule(
-        ops=st.lists(st.tuples(keys, st.one_of(st.none(), values)), max_size=12),
+        ops=st.lists(st.tuples(keys, st.one_of(st.none(), values, st.tuples(keys))),
+                     max_size=12),
         sync=st.booleans(),
     )
-    def write_batch(self, ops: list[tuple[bytes, bytes | None]], sync: bool) -> None:
+    def write_batch(self, ops: list[tuple[bytes, bytes | None | tuple[bytes]]],
+                    sync: bool) -> None:
+        """A batch of puts, deletes and range deletes (``(key, (end,))``), in order."""
         batch = WriteBatch()
         for key, value in ops:
             if value is None:
                 batch.delete(key)
+            elif isinstance(value, tuple):
+                batch.delete_range(min(key, value[0]), max(key, value[0]))
             else:
                 batch.put(key, value)
         self.db.write(batch, sync=sync)
         # Later operations on the same key win, as in the engine.
         for key, value in ops:
             if value is None:
-                self.state.pop(key, None)
+                self._model_delete(key)
+            elif isinstance(value, tuple):
+                self._model_delete_range(min(key, value[0]), max(key, value[0]))
             else:
-                self.state[key] = value
+                self._model_put(key, value)
 
     @rule(
         start=st.integers(0, BULK_KEYS - 1),
@@ -193,11 +251,11 @@ class EngineModel(RuleBasedStateMachine):
             key = bulk_key((start + i * stride) % BULK_KEYS)
             if delete_every and i % delete_every == 0:
                 self.db.delete(key)
-                self.state.pop(key, None)
+                self._model_delete(key)
             else:
                 value = b"%d:%d:" % (tag, i) + bytes([tag]) * (20 + (i * 7) % 60)
                 self.db.put(key, value)
-                self.state[key] = value
+                self._model_put(key, value)
         self._note_levels()
 
     # ------------------------------------------------------------------- reads
@@ -234,13 +292,15 @@ class EngineModel(RuleBasedStateMachine):
             key = bulk_key((start + i) % BULK_KEYS)
             if i % 4 == 0:
                 self.db.delete(key)
-                self.state.pop(key, None)
+                self._model_delete(key)
             else:
                 value = b"across:%d:" % i + b"x" * 40
                 self.db.put(key, value)
-                self.state[key] = value
+                self._model_put(key, value)
+        self.db.delete_range(bulk_key(start), bulk_key(start) + b"\x00")
+        self._model_delete_range(bulk_key(start), bulk_key(start) + b"\x00")
         self.db.delete(SPECIAL_KEYS[0])
-        self.state.pop(SPECIAL_KEYS[0], None)
+        self._model_delete(SPECIAL_KEYS[0])
         self.db.flush()
         if compact:
             self.db.compact_range()
@@ -262,7 +322,7 @@ class EngineModel(RuleBasedStateMachine):
         before = self.state.get(key)
         with self.db.snapshot() as snap:
             self.db.put(key, value)
-            self.state[key] = value
+            self._model_put(key, value)
             assert self.db.get(key, snapshot=snap) == before
             assert self.db.get(key) == value
 
@@ -331,6 +391,7 @@ class EngineModel(RuleBasedStateMachine):
 def test_engine_matches_dict_model() -> None:
     COVERAGE["levels"].clear()
     TOTALS.update(dict.fromkeys(COUNTERS, 0))
+    ISSUED.update(dict.fromkeys(ISSUED, 0))
     run_state_machine_as_test(
         EngineModel,
         settings=settings(
@@ -348,3 +409,4 @@ def test_engine_matches_dict_model() -> None:
         "the options no longer drive compaction"
     )
     assert TOTALS["flushes"] and TOTALS["compactions"] and TOTALS["trivial_moves"], TOTALS
+    assert ISSUED["delete_range"] > 20 and ISSUED["single_delete"] > 20, ISSUED
