@@ -47,7 +47,17 @@ WORKLOADS = (
     "readseq",
     "seekrandom",
     "fillsync",
+    "dr_read_before",
+    "deleterange",
+    "deleterange_all",
+    "dr_read_after",
 )
+# The deleterange group (engines that have a range deletion): RANGES deletions of up to
+# RANGE_KEYS keys each, then WIDE_DELETIONS deletions of the whole key space; reads of
+# keys no range covers, before and after the RANGES deletions.
+RANGES = 1000
+RANGE_KEYS = 1000
+WIDE_DELETIONS = 100
 WRITE_WORKLOADS = ("fillseq", "fillrandom", "fillbatch", "overwrite", "fillsync")
 # Writes that need not be durable when the call returns. lsmdb buffers them in its own
 # process (64 KiB) before they reach the WAL file, while RocksDB, LevelDB and SQLite
@@ -143,6 +153,8 @@ class Adapter:
     put: Callable[[bytes, bytes], object]
     put_sync: Callable[[bytes, bytes], object]
     get: Callable[[bytes], bytes | None]
+    # delete every key in [begin, end) as one operation; None: the engine has none
+    delete_range: Callable[[bytes, bytes], object] | None = None
 
     def __init__(self) -> None:
         try:
@@ -178,6 +190,7 @@ class LsmdbAdapter(Adapter):
         self.db = self.mod.DB.open(str(path), self.mod.Options())
         self.put = self.db.put
         self.get = self.db.get
+        self.delete_range = self.db.delete_range
         self.put_sync = functools.partial(self.db.put, sync=True)
 
     def write_batch(self, pairs: list[tuple[bytes, bytes]]) -> None:
@@ -212,6 +225,7 @@ class RocksdbAdapter(Adapter):
         self.db = self.mod.Rdict(str(path), opts)
         self.put = self.db.put
         self.get = self.db.get
+        self.delete_range = self.db.delete_range
         sync = self.mod.WriteOptions()
         sync.sync = True
         self.put_sync = functools.partial(self.db.put, write_opt=sync)
@@ -483,7 +497,43 @@ def run_engine(adapter: Adapter, root: Path, num: int, reads: int, seeks: int, s
     adapter.close()
     shutil.rmtree(path)
 
+    if getattr(adapter, "delete_range", None) is not None:
+        range_deletions(adapter, root, num, reads, seed, values, record)
     return {"results": results, "disk": disk, "counters": counters}
+
+
+def range_deletions(adapter: Adapter, root: Path, num: int, reads: int, seed: int,
+                    values: list[bytes], record: Callable[[str, Result], None]) -> None:
+    """The deleterange group on a fresh DB of `num` keys, reopened before each read phase
+    so that what was written is in tables, as in a database that has run a while."""
+    path = fresh(root / "deleterange")
+    adapter.open(path)
+    timed_batches(adapter, permutation(num, seed + 8), values)
+    adapter.close()
+    stride = max(2, num // RANGES)
+    width = min(RANGE_KEYS, stride // 2)
+    starts = range(0, num, stride)[:RANGES]
+    live = [n for n in permutation(num, seed + 9) if n % stride >= width][:reads]
+    adapter.open(path)
+    record("dr_read_before", timed_gets(adapter.get, (present_key(n) for n in live), True))
+    delete_range = adapter.delete_range
+    clock = time.perf_counter
+    start = clock()
+    for a in starts:
+        delete_range(present_key(a), present_key(a + width))
+    record("deleterange", Result(len(starts), clock() - start, 0))
+    adapter.close()
+    adapter.open(path)
+    record("dr_read_after", timed_gets(adapter.get, (present_key(n) for n in live), True))
+    delete_range = adapter.delete_range   # the reopened database's
+    start = clock()
+    for _ in range(WIDE_DELETIONS):
+        delete_range(present_key(0), present_key(num))
+    record("deleterange_all", Result(WIDE_DELETIONS, clock() - start, 0))
+    if adapter.get(present_key(live[0])) is not None:
+        raise RuntimeError("a key survived the deletion of the whole key space")
+    adapter.close()
+    shutil.rmtree(path)
 
 
 def child_main(args: argparse.Namespace) -> int:
@@ -647,6 +697,18 @@ def print_targets(runs: dict[str, dict]) -> None:
         ratio = (ours[w]["ops"] / ours[w]["seconds"]) / (base[w]["ops"] / base[w]["seconds"])
         verdict = "met" if ratio >= want else "MISSED"
         print(f"{w:12} {ratio:6.2f}x   target >= {want:.2f}x   {verdict}")
+    rate = {w: ours[w]["ops"] / ours[w]["seconds"] for w in ours if ours[w]["seconds"]}
+    if "deleterange" in rate and "deleterange_all" in rate:
+        # the cost of one deletion must not follow the keys it covers
+        cost = rate["deleterange"] / rate["deleterange_all"]
+        verdict = "met" if cost <= 2 else "MISSED"
+        print(f"{'deleterange':12} {cost:6.2f}x   a whole-key-space deletion costs <= 2x one of"
+              f" {RANGE_KEYS:,} keys   {verdict}")
+    if "dr_read_before" in rate and "dr_read_after" in rate:
+        ratio = rate["dr_read_after"] / rate["dr_read_before"]
+        verdict = "met" if ratio >= 0.8 else "MISSED"
+        print(f"{'dr_read':12} {ratio:6.2f}x   readrandom with {RANGES:,} range tombstones >="
+              f" 0.80x without   {verdict}")
     rss = runs["lsmdb"]["rss"]
     verdict = "met" if rss < RSS_TARGET else "MISSED"
     print(f"{'peak RSS':12} {fmt_bytes(rss):>9}   target < {fmt_bytes(RSS_TARGET)}   {verdict}")
