@@ -19,7 +19,6 @@ operations here or named as unreachable through the mount (with the reason).
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import re
 import shutil
@@ -37,12 +36,10 @@ from encfs.filedict import Del, Put
 from encfs.masterkey import MasterKeySource
 from encfs.vault import Vault
 
-_FIXTURES = Path(__file__).resolve().parents[1] / "integration" / "conftest.py"
-_spec = importlib.util.spec_from_file_location("tdefs_fuse_fixtures", _FIXTURES)
-assert _spec is not None and _spec.loader is not None
-fx = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = fx   # dataclasses look their module up while the class is made
-_spec.loader.exec_module(fx)
+# the FUSE test helpers, one module shared with tests/integration (and its sweep
+# of mounts left behind at the end of the session)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+import fuse_harness as fx  # noqa: E402
 
 pytestmark = pytest.mark.fuse
 

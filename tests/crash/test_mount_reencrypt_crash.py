@@ -10,7 +10,6 @@ one inode, and key 1 is retired."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -21,12 +20,10 @@ from pathlib import Path
 
 import pytest
 
-_FIXTURES = Path(__file__).resolve().parents[1] / "integration" / "conftest.py"
-_spec = importlib.util.spec_from_file_location("tdefs_fuse_fixtures", _FIXTURES)
-assert _spec is not None and _spec.loader is not None
-fx = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = fx
-_spec.loader.exec_module(fx)
+# the FUSE test helpers, one module shared with tests/integration (and its sweep
+# of mounts left behind at the end of the session)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+import fuse_harness as fx  # noqa: E402
 
 pytestmark = pytest.mark.fuse
 

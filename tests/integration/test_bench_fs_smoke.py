@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, require_fuse
+from fuse_harness import REPO, require_fuse
 
 from mount.mount_table import mounted_under
 

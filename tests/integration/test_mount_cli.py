@@ -14,7 +14,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from conftest import (
+from fuse_harness import (
     REPO,
     TDEFS,
     VaultPaths,

@@ -9,7 +9,7 @@ import os
 import random
 from pathlib import Path
 
-from conftest import VaultPaths, mounted_at
+from fuse_harness import VaultPaths, mounted_at
 
 WORKERS = 4
 STEPS = 250

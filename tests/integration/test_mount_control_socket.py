@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import (
+from fuse_harness import (
     VaultPaths,
     daemons_for,
     force_cleanup,

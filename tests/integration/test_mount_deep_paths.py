@@ -11,7 +11,7 @@ import os
 import stat
 
 import pytest
-from conftest import make_vault, mount, mounted_at, require_fuse, umount
+from fuse_harness import make_vault, mount, mounted_at, require_fuse, umount
 
 NAME = "n" * 127
 DEPTH = 40

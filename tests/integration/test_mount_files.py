@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VaultPaths, make_vault, mounted_at, require_fuse, run_tdefs
+from fuse_harness import VaultPaths, make_vault, mounted_at, require_fuse, run_tdefs
 
 
 @pytest.fixture(scope="module")

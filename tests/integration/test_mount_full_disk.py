@@ -13,7 +13,7 @@ import signal
 import time
 
 import pytest
-from conftest import (
+from fuse_harness import (
     daemons_for,
     force_cleanup,
     make_vault,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from fuse_harness import (
     VaultPaths,
     make_vault,
     mount,

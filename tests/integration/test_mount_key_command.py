@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
+from fuse_harness import (
     VaultPaths,
     daemons_for,
     force_cleanup,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import (
+from fuse_harness import (
     VaultPaths,
     daemons_for,
     force_cleanup,

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import (
+from fuse_harness import (
     REPO,
     TDEFS,
     daemons_for,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VaultPaths, make_vault, mount, mounted_at, require_fuse, run_tdefs, umount
+from fuse_harness import VaultPaths, make_vault, mount, mounted_at, require_fuse, run_tdefs, umount
 
 from encfs.keystore import KeyStore
 from encfs.masterkey import MasterKeySource

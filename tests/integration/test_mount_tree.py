@@ -10,7 +10,7 @@ import stat
 import threading
 
 import pytest
-from conftest import VaultPaths, make_vault, mounted_at, require_fuse
+from fuse_harness import VaultPaths, make_vault, mounted_at, require_fuse
 
 from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 

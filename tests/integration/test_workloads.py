@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import VaultPaths, mounted_at
+from fuse_harness import VaultPaths, mounted_at
 
 pytestmark = pytest.mark.fuse
 

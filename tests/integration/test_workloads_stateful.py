@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import VaultPaths, make_vault, mount, mounted_at, require_fuse, umount
+from fuse_harness import VaultPaths, make_vault, mount, mounted_at, require_fuse, umount
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
