@@ -23,6 +23,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from encfs.disk import disk
 from encfs.fsops import fsync_dir, renameat2
 
 # a relative path up to this long goes to the kernel whole: PATH_MAX (4096) less room
@@ -143,19 +144,19 @@ class BackingTree:
 
     def open(self, rel: bytes, flags: int, mode: int = 0o777) -> int:
         with self.at(rel) as (fd, rest):
-            return os.open(rest, flags | os.O_CLOEXEC, mode, dir_fd=fd)
+            return disk.open(rest, flags | os.O_CLOEXEC, mode, dir_fd=fd)
 
     def mkdir(self, rel: bytes, mode: int) -> None:
         with self.at(rel) as (fd, rest):
-            os.mkdir(rest, mode, dir_fd=fd)
+            disk.mkdir(rest, mode, dir_fd=fd)
 
     def rmdir(self, rel: bytes) -> None:
         with self.at(rel) as (fd, rest):
-            os.rmdir(rest, dir_fd=fd)
+            disk.rmdir(rest, dir_fd=fd)
 
     def unlink(self, rel: bytes) -> None:
         with self.at(rel) as (fd, rest):
-            os.unlink(rest, dir_fd=fd)
+            disk.unlink(rest, dir_fd=fd)
 
     def mknod(self, rel: bytes, mode: int, device: int = 0) -> None:
         with self.at(rel) as (fd, rest):
@@ -179,7 +180,7 @@ class BackingTree:
 
     def link(self, src: bytes, dst: bytes) -> None:
         with self.at(src) as (sfd, s), self.at(dst) as (dfd, d):
-            os.link(s, d, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            disk.link(s, d, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
 
     def rename(self, src: bytes, dst: bytes, flags: int = 0) -> None:
         """rename(2), or renameat2(2) with RENAME_NOREPLACE / RENAME_EXCHANGE."""

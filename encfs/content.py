@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from encfs.cipher import FileCipher
+from encfs.disk import disk
 from encfs.fsops import fallocate as _backing_fallocate
 
 BLOCK = 4096
@@ -99,7 +100,7 @@ def read_at(fd: int, cipher: FileCipher, size: int, offset: int) -> bytes:
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = disk.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
 
@@ -123,7 +124,7 @@ def _restoring_size(fd: int, size: int) -> Iterator[None]:
         yield
     except BaseException:
         if os.fstat(fd).st_size > size:
-            os.ftruncate(fd, size)
+            disk.ftruncate(fd, size)
         raise
 
 
@@ -171,7 +172,7 @@ def _grow(fd: int, cipher: FileCipher, size: int, length: int) -> None:
             if length % BLOCK:
                 _write_zeros(fd, cipher, _down(length), length)
             else:
-                os.ftruncate(fd, length)
+                disk.ftruncate(fd, length)
 
 
 def truncate(fd: int, cipher: FileCipher, length: int) -> None:
@@ -179,7 +180,7 @@ def truncate(fd: int, cipher: FileCipher, length: int) -> None:
     if length < 0:
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
     if cipher.is_plaintext:
-        os.ftruncate(fd, length)
+        disk.ftruncate(fd, length)
         return
     size = os.fstat(fd).st_size
     if length > size:
@@ -191,7 +192,7 @@ def truncate(fd: int, cipher: FileCipher, length: int) -> None:
         tail = _down(length)
         if _is_hole(fd, tail, size):
             _write_zeros(fd, cipher, tail, tail + BLOCK)
-    os.ftruncate(fd, length)
+    disk.ftruncate(fd, length)
 
 
 def fallocate(fd: int, cipher: FileCipher, mode: int, offset: int, length: int) -> None:
@@ -294,5 +295,5 @@ def copy_reencrypted(src_fd: int, src_cipher: FileCipher, dst_fd: int, dst_ciphe
         pace(len(piece))
         _pwrite_all(dst_fd, dst_cipher.apply(piece, tail), tail)
         written += len(piece)
-    os.ftruncate(dst_fd, size)
+    disk.ftruncate(dst_fd, size)
     return written

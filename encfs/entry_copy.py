@@ -23,6 +23,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from encfs.disk import disk
 from encfs.filedict import METHOD_CODES, METHOD_NAMES, FileInfo
 
 XATTR = b"user.tdefs.entry"
@@ -99,12 +100,12 @@ class EntryCopies:
         try:
             if info is None:
                 try:
-                    os.removexattr(fd, XATTR)
+                    disk.removexattr(fd, XATTR)
                 except OSError as exc:
                     if exc.errno != errno.ENODATA:
                         raise
             else:
-                os.setxattr(fd, XATTR, self.encode(info))
+                disk.setxattr(fd, XATTR, self.encode(info))
         except OSError:
             self.write_failures += 1
 

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from encfs.disk import disk
 from encfs.errors import Corruption
 from encfs.failpoints import ARMED, failpoint
 from encfs.fsops import fsync_dir, write_all
@@ -370,10 +371,10 @@ class FileDictionary:
     @classmethod
     def create(cls, path: str | Path, mac_key: bytes) -> None:
         """Write an empty log (header only) to the new file ``path`` and fsync it."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = disk.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             write_all(fd, _header(mac_key, 1))
-            os.fsync(fd)
+            disk.fsync(fd)
         finally:
             os.close(fd)
 
@@ -395,8 +396,8 @@ class FileDictionary:
                 # the surviving records no longer chain from the header
                 d.rewrite(from_memory=True)
             elif os.fstat(d._fd).st_size != cut:
-                os.ftruncate(d._fd, cut)
-                os.fsync(d._fd)
+                disk.ftruncate(d._fd, cut)
+                disk.fsync(d._fd)
         return d
 
     def _replay(self, salvage: bool, data: bytes | None = None) -> None:
@@ -526,6 +527,12 @@ class FileDictionary:
         """How many paths have their DEL deferred."""
         return len(self.deferred)
 
+    def deferred_shares(self, info: FileInfo) -> bool:
+        """Does a path whose DEL is deferred have entry ``info`` (a hard link of that
+        file, unlinked but not durably)?"""
+        with self._lock:
+            return any(i == info for i in self.deferred.values())
+
     def applied_count(self) -> int:
         """How many intents are applied but not committed (see apply_intent)."""
         return len(self.applied)
@@ -633,7 +640,7 @@ class FileDictionary:
                     write_all(self._fd, rec)
             except BaseException:
                 # never leave a partial record in the middle of the log
-                os.ftruncate(self._fd, self._size)
+                disk.ftruncate(self._fd, self._size)
                 raise
             self._size += len(rec)
             self._prev_mac = mac
@@ -715,7 +722,7 @@ class FileDictionary:
                 fd = self._fd
             ok = False
             try:
-                os.fdatasync(fd)
+                disk.fdatasync(fd)
                 self.syncs += 1
                 ok = True
             except OSError as exc:
@@ -795,13 +802,13 @@ class FileDictionary:
                     shadow._replay(False, f.read(mark))
             sync_point("dict.rewrite.after-read")
             tmp = self.path.with_name(self.path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = disk.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 prev, count, size = self._write_snapshot(fd, shadow, generation)
                 if shadow is not self:
                     _dismantle(shadow)
                 del shadow
-                os.fsync(fd)
+                disk.fsync(fd)
                 failpoint("dict.rewrite.after-snapshot")
                 sync_point("dict.rewrite.before-splice")
                 # what came while the snapshot was built, still without the lock: the
@@ -809,7 +816,7 @@ class FileDictionary:
                 # once its record is written)
                 upto = self._size
                 prev, spliced, size = self._splice(fd, mark, upto, prev, size)
-                os.fsync(fd)
+                disk.fsync(fd)
                 with self._cond:
                     while self._syncing:
                         self._cond.wait()
@@ -817,9 +824,9 @@ class FileDictionary:
                         raise OSError(errno.EBADF, f"{self.path} was closed during its rewrite")
                     # the last few, with appenders held
                     prev, last, size = self._splice(fd, upto, self._size, prev, size)
-                    os.fsync(fd)
+                    disk.fsync(fd)
                     failpoint("dict.rewrite.after-tmp")
-                    os.rename(tmp, self.path)
+                    disk.rename(tmp, self.path)
                     failpoint("dict.rewrite.after-rename")
                     # before any append goes to the new log, the rename must be durable:
                     # a power cut must not bring back the old log without it
@@ -837,7 +844,7 @@ class FileDictionary:
             finally:
                 os.close(fd)
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)  # left only when the rewrite failed
+                    disk.unlink(tmp)  # left only when the rewrite failed
 
     def _write_snapshot(self, fd: int, shadow: FileDictionary, generation: int
                         ) -> tuple[bytes, int, int]:
@@ -860,7 +867,7 @@ class FileDictionary:
             if size - synced >= SNAPSHOT_SYNC_BYTES:
                 # a little at a time: one fsync of it all at the end would hold up the
                 # appenders' own fdatasyncs behind its writeback
-                os.fdatasync(fd)
+                disk.fdatasync(fd)
                 synced = size
             if start <= total // 2 < start + SNAPSHOT_OPS_PER_RECORD:
                 failpoint("dict.rewrite.mid-tmp")

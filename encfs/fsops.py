@@ -1,5 +1,7 @@
 """Small filesystem primitives: renameat2, fallocate, directory fsync, syncfs, atomic replace.
 
+Every call here that changes or syncs something goes through ``encfs.disk``.
+
 ``atomic_replace`` is the one way tdefs replaces a metadata file: write a tmp file
 next to it, fsync it, rename it over the target, fsync the directory. A crash at any
 point leaves either the old or the new file under the target name (a leftover tmp
@@ -8,21 +10,14 @@ file is ignored and overwritten next time).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from pathlib import Path
 
+from encfs.disk import RENAME_EXCHANGE, RENAME_NOREPLACE, disk
 from encfs.failpoints import ARMED, failpoint
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_renameat2 = _libc.renameat2
-_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-_renameat2.restype = ctypes.c_int
+__all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "atomic_replace", "fallocate", "fsync_dir",
+           "renameat2", "syncfs", "write_all"]
 
 
 def renameat2(src: str | bytes | Path, dst: str | bytes | Path, flags: int, *,
@@ -32,25 +27,14 @@ def renameat2(src: str | bytes | Path, dst: str | bytes | Path, flags: int, *,
     s = os.fsencode(src)
     d = os.fsencode(dst)
     if flags == 0:
-        os.rename(s, d, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        disk.rename(s, d, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         return
-    sfd = _AT_FDCWD if src_dir_fd is None else src_dir_fd
-    dfd = _AT_FDCWD if dst_dir_fd is None else dst_dir_fd
-    if _renameat2(sfd, s, dfd, d, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.fsdecode(s), None, os.fsdecode(d))
-
-
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
+    disk.renameat2(s, d, flags, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with its mode bits (FALLOC_FL_*); raises OSError with its errno."""
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    disk.fallocate(fd, mode, offset, length)
 
 
 def fsync_dir(path: str | bytes | Path, *, dir_fd: int | None = None) -> None:
@@ -58,7 +42,7 @@ def fsync_dir(path: str | bytes | Path, *, dir_fd: int | None = None) -> None:
     a relative ``path`` is taken relative to ``dir_fd`` if given."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        os.fsync(fd)
+        disk.fsync(fd)
     finally:
         os.close(fd)
 
@@ -67,9 +51,9 @@ def syncfs(path: str | bytes | Path) -> None:
     """syncfs(2) on the filesystem holding directory ``path``; raises OSError."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), os.fsdecode(path))
+        disk.syncfs(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, os.fsdecode(path)) from None
     finally:
         os.close(fd)
 
@@ -78,7 +62,7 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     """Write every byte of ``data`` at the fd's position (os.write may write less)."""
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
+        n = disk.write(fd, view)
         view = view[n:]
 
 
@@ -91,7 +75,7 @@ def atomic_replace(path: str | Path, data: bytes, failpoint_prefix: str, mode: i
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd = disk.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         if ARMED:
             half = len(data) // 2
@@ -100,10 +84,10 @@ def atomic_replace(path: str | Path, data: bytes, failpoint_prefix: str, mode: i
             write_all(fd, data[half:])
         else:
             write_all(fd, data)
-        os.fsync(fd)
+        disk.fsync(fd)
     finally:
         os.close(fd)
     failpoint(f"{failpoint_prefix}.after-tmp")
-    os.rename(tmp, path)
+    disk.rename(tmp, path)
     failpoint(f"{failpoint_prefix}.after-rename")
     fsync_dir(path.parent)

@@ -39,6 +39,7 @@ from typing import Any
 
 from encfs import content, entry_copy
 from encfs.cipher import PLAINTEXT
+from encfs.disk import disk
 from encfs.failpoints import failpoint
 from encfs.filedict import FileInfo
 from encfs.fsops import atomic_replace
@@ -297,7 +298,7 @@ class Reencryptor:
                 written = content.copy_reencrypted(src, src_cipher, dst, dst_cipher,
                                                    st.st_size, pace)
                 _copy_metadata(src, dst, st)
-                os.fsync(dst)
+                disk.fsync(dst)
                 new_ino = os.fstat(dst).st_ino
             except BaseException:
                 os.close(dst)
@@ -407,7 +408,7 @@ def _copy_metadata(src: int, dst: int, st: os.stat_result) -> None:
         if name.encode() == entry_copy.XATTR:
             continue
         try:
-            os.setxattr(dst, name, os.getxattr(src, name))
+            disk.setxattr(dst, name, os.getxattr(src, name))
         except OSError:
             pass  # a namespace this user may not write (trusted.*): as cp -a does
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))

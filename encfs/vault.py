@@ -14,8 +14,10 @@ so in the crash-safe orders of DESIGN.md ("Operation order"):
   (``filedict.Pending.happened``), so every path reads as it was before the rename or
   as it is after it, including "rename tmp over CURRENT";
 - link: durable PUT(dst) = info(src), then link;
-- truncate_to_zero: truncate and fsync, then a fresh-IV PUT, so keystream is never
-  reused for a rewritten file.
+- truncate_to_zero: truncate and fsync (when it had bytes), then a fresh-IV PUT, so
+  keystream is never reused for a rewritten file;
+- a rename over an existing name first makes src's own creation durable (an fsync of
+  its directory): recovery reads a missing src as a rename that happened.
 
 Invariants (DESIGN.md): an encrypted file always has its entry; an entry without a
 regular file is stale, ignored, and dropped on open (recovery) or when met; no crash
@@ -42,6 +44,7 @@ from typing import Any
 from encfs import entry_copy
 from encfs.backing import BackingTree
 from encfs.cipher import DEFAULT_METHOD, IV_SIZE, PLAINTEXT, FileCipher, check_method
+from encfs.disk import disk
 from encfs.errors import VaultError
 from encfs.failpoints import failpoint
 from encfs.filedict import (
@@ -55,7 +58,7 @@ from encfs.filedict import (
     Op,
     Put,
 )
-from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, fsync_dir, write_all
+from encfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, fsync_dir, syncfs, write_all
 from encfs.keystore import KeyStore
 from encfs.masterkey import MasterKeySource
 
@@ -73,9 +76,12 @@ DEFAULT_OPTIONS: dict[str, Any] = {"rotation_period_days": 7, "reencrypt_rate_mb
 # on any POSIX filesystem. "ordered": no fsync between the steps, only the order in
 # which they are written. A process crash is handled the same in both (written records
 # survive it); the log is made durable by vault.sync() (the mount calls it before every
-# fsync and fsyncdir) and close(). After a power cut "ordered" keeps the invariants only
-# up to the last sync: no filesystem promises to persist an append to the log before a
-# later change to the tree (ext4 allocates appended blocks at writeback).
+# fsync and fsyncdir) and close(), each after an fsync of the directories whose renames
+# and unlinks the log records since the last one. After a power cut "ordered" keeps the
+# invariants only up to the last sync: no filesystem promises to persist an append to
+# the log before a later change to the tree (ext4 allocates appended blocks at
+# writeback). Re-encryption's renames and recovery keep the strict orders in both
+# modes (tests/unit/test_encfs_powerloss.py checks both modes at every power cut).
 DURABILITY_MODES = ("strict", "ordered")
 _CIPHER_CACHE_MAX = 1 << 16
 _STALE_PER_RECORD = 4096
@@ -114,6 +120,16 @@ def _parent(rel: bytes) -> bytes:
     return rel.rpartition(b"/")[0]
 
 
+def _moved(rel: bytes, src: bytes, dst: bytes, exchange: bool) -> bytes:
+    """Where ``rel`` is after renaming ``src`` to ``dst`` (a path below a replaced
+    ``dst`` is gone: its nearest remaining ancestor, dst's parent)."""
+    if rel == src or rel.startswith(src + b"/"):
+        return dst + rel[len(src):]
+    if rel == dst or rel.startswith(dst + b"/"):
+        return src + rel[len(dst):] if exchange else _parent(dst)
+    return rel
+
+
 class _ClassOrInstance:
     """A method that is ``class_func`` on the class and ``instance_func`` on instances."""
 
@@ -146,6 +162,11 @@ class Vault:
         self.copies = entry_copy.EntryCopies(keys.derive(entry_copy.MAC_LABEL),
                                              entry_copy.supported(root / META_DIR))
         self._strict = self.options.get("durability", "strict") == "strict"
+        # "ordered": directories holding renames and unlinks whose COMMIT or DEL is
+        # written but whose directory is not yet fsynced; sync() fsyncs them before the
+        # log, so that a durable record never says a tree change happened that a power
+        # cut could still undo
+        self._unsynced_dirs: set[bytes] = set()
         keys.usage = files.count_by_key
         self._ciphers: dict[FileInfo, FileCipher] = {}
         # paths (and directory prefixes) inside an unfinished rename or truncate:
@@ -179,12 +200,12 @@ class Vault:
         staging = root / INIT_DIR
         if staging.exists():
             shutil.rmtree(staging)  # left by an init that crashed before publishing
-        staging.mkdir(mode=0o700)
+        disk.mkdir(staging, 0o700)
         try:
             cls._write_metadata(staging, root, source, method, durability)
             fsync_dir(staging)
             failpoint("init.before-publish")
-            os.rename(staging, meta)  # replaces an empty .tdefs/ too
+            disk.rename(staging, meta)  # replaces an empty .tdefs/ too
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -201,10 +222,10 @@ class Vault:
             "options": {**DEFAULT_OPTIONS, "durability": durability},
             "created": int(time.time()),
         }
-        fd = os.open(staging / VAULT_JSON, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = disk.open(staging / VAULT_JSON, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             write_all(fd, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-            os.fsync(fd)
+            disk.fsync(fd)
         finally:
             os.close(fd)
 
@@ -284,10 +305,19 @@ class Vault:
     def sync(self) -> None:
         """Make every dictionary record written so far durable (call before fsyncing
         a backing file: in "ordered" mode nothing else syncs the log). Renames still
-        waiting for their COMMIT are settled first."""
+        waiting for their COMMIT are settled first, and in "ordered" mode the
+        directories of the renames and unlinks those records describe are fsynced
+        before the log is."""
         if self.files.applied_count():
             self.flush_deletes()
+        self._sync_dirs()
         self.files.sync()
+
+    def _sync_dirs(self) -> None:
+        """"ordered": fsync the directories whose renames and unlinks the log now
+        records, before the log is synced."""
+        while self._unsynced_dirs:
+            self._fsync_nearest_dir(self._unsynced_dirs.pop())
 
     def close(self) -> None:
         """Make every record durable and release the vault."""
@@ -296,6 +326,7 @@ class Vault:
         try:
             if self.files.deferred_count() or self.files.applied_count():
                 self.flush_deletes()
+            self._sync_dirs()
             self.files.close()
         finally:
             self.tree.close()
@@ -321,10 +352,8 @@ class Vault:
             else:
                 resolutions.append(Abort(p.txid))
                 report.aborted.append(p.src)
-        if write and resolutions:
-            self.files.append(resolutions, sync=False)
-        if not write:
-            # what the entries would be once the intents are resolved
+        if pending:
+            # what the entries will be once the intents are resolved
             entries = dict(self.files.items())
             for op, p in zip(resolutions, pending, strict=True):
                 if isinstance(op, Commit):
@@ -338,6 +367,13 @@ class Vault:
             paths = self.files.paths()
         report.stale = sorted(p for p in paths if not self._is_regular(p))
         if write:
+            if report.committed or report.stale:
+                # after a process crash the tree may hold renames and unlinks in the
+                # page cache only: they must be durable before a COMMIT or DEL written
+                # here says they happened (and any write may reach the disk early)
+                syncfs(self.root)
+            if resolutions:
+                self.files.append(resolutions, sync=False)
             for i in range(0, len(report.stale), _STALE_PER_RECORD):
                 self.files.append([Del(p) for p in report.stale[i : i + _STALE_PER_RECORD]],
                                   sync=False)
@@ -505,16 +541,22 @@ class Vault:
         (one fsync per directory), then write their DELs and COMMITs in one record."""
         paths = self.files.deferred_paths()
         txids, renamed = self.files.applied_intents()
+        dirs = {_parent(p) for p in (*paths, *renamed)}
         if self._strict:
-            for d in {_parent(p) for p in (*paths, *renamed)}:
+            for d in dirs:
                 self._fsync_nearest_dir(d)
+        else:
+            self._unsynced_dirs |= dirs
         failpoint("deletes.after-fsync")
         self.files.append_deferred(paths, extra=[Commit(txid) for txid in txids])
 
     def _settle(self, rel: bytes) -> None:
         """Before a file may appear at ``rel`` again, make its deferred unlink durable."""
-        if self._strict and self.files.is_deferred(rel):
-            self._fsync_nearest_dir(_parent(rel))
+        if self.files.is_deferred(rel):
+            if self._strict:
+                self._fsync_nearest_dir(_parent(rel))
+            else:
+                self._unsynced_dirs.add(_parent(rel))
 
     def _clear_name(self, rel: bytes) -> None:
         """Before a file without an entry (plaintext) appears at ``rel``, make sure no
@@ -579,14 +621,21 @@ class Vault:
                     self._drop_if_stale(rel)
                     raise
             try:
-                os.ftruncate(fd, 0)
-                if self._strict:
-                    os.fsync(fd)  # the new IV must never be durable while old bytes are
+                had_bytes = os.fstat(fd).st_size > 0
+                disk.ftruncate(fd, 0)
+                if had_bytes:
+                    # the new IV must never be durable while old bytes are: in "ordered"
+                    # mode too, as the next sync of the log makes it durable
+                    disk.fsync(fd)
                 nlink = os.fstat(fd).st_nlink
                 failpoint("truncate.after-truncate")
                 info = self.files.get(rel)
                 if nlink > 1:
                     return PLAINTEXT if info is None else self._cipher(info)
+                if info is not None and self.files.deferred_shares(info):
+                    # another name of this file was unlinked, not durably: a power cut
+                    # would bring it back on the old IV over the new bytes
+                    self.flush_deletes()
                 new = self.new_info()
                 if new is None:
                     if info is not None:
@@ -606,7 +655,10 @@ class Vault:
         _check_rel(dst)
         self._rename(src, dst, flags)
 
-    def _rename(self, src: bytes, dst: bytes, flags: int) -> None:
+    def _rename(self, src: bytes, dst: bytes, flags: int, durable: bool | None = None) -> None:
+        """``durable``: the intent is synced before the rename even in "ordered" mode
+        (re-encryption's renames, which no application asked for or syncs after)."""
+        durable = self._strict if durable is None else durable
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         tree = self.tree
@@ -645,11 +697,20 @@ class Vault:
         rule = RULE_SRC_REPLACED if exchange else RULE_SRC_GONE
         # unlinks deferred inside a directory being moved (or replaced) must be durable
         # first: the fsyncs below cover only the parents of src and dst
+        inner = {_parent(p) for p in (*self.files.deferred_at_or_under(src),
+                                      *self.files.deferred_at_or_under(dst))} - {_parent(src), _parent(dst)}
         if self._strict:
-            for d in {_parent(p) for p in (*self.files.deferred_at_or_under(src),
-                                           *self.files.deferred_at_or_under(dst))} - {_parent(src), _parent(dst)}:
+            for d in inner:
                 self._fsync_nearest_dir(d)
-        txid = self.files.begin(rule, src, st_src.st_ino, ops, sync=self._strict)
+        if durable and st_dst is not None:
+            # recovery takes a missing src for a rename that happened: src's own
+            # creation (the tmp file of "write tmp, rename over CURRENT") must be
+            # durable before the intent, or a power cut that undid both would give
+            # dst src's entry over dst's old bytes
+            self._fsync_nearest_dir(_parent(src))
+        if durable and not self._strict:
+            self._sync_dirs()  # the log is about to be synced: what it records first
+        txid = self.files.begin(rule, src, st_src.st_ino, ops, sync=durable)
         failpoint("rename.after-intent")
         # until the entries say what the tree says, lookups of these names wait from
         # the rename on (the intent, already durable, covers a crash from here)
@@ -660,6 +721,9 @@ class Vault:
                 self.files.append([Abort(txid)], sync=False)
                 raise
             failpoint("rename.after-rename")
+            if not self._strict:
+                # the next sync fsyncs those directories under their names from now on
+                self._unsynced_dirs.update(_moved(d, src, dst, exchange) for d in inner)
             if self._strict and not (src_is_dir or dst_is_dir):
                 # the COMMIT must not be durable before the rename is, which takes a
                 # directory fsync: it waits for flush_deletes, which fsyncs every
@@ -672,9 +736,11 @@ class Vault:
                 # same fsyncs make earlier unlinks there durable, so their DELs can go too
                 parents = {_parent(src), _parent(dst)}
                 settled = self.files.deferred_in(parents)
-                if self._strict:
+                if durable:
                     for d in parents:
                         tree.fsync_dir(d)
+                else:
+                    self._unsynced_dirs |= parents
                 # not synced: until a later sync carries it, a crash leaves the intent,
                 # which recovery resolves by the tree to the same answer
                 self.files.append_deferred(settled, extra=[Commit(txid)])
@@ -748,7 +814,9 @@ class Vault:
         if not tmp.startswith(INTERNAL_DIR + b"/"):
             raise ValueError(f"not an internal file: {tmp!r}")
         _check_rel(dst)
-        self._rename(tmp, dst, 0)
+        # durable in either mode: the file was at rest, and must read the same after a
+        # power cut whatever it interrupts
+        self._rename(tmp, dst, 0, durable=True)
 
     def remove_internal(self, tmp: bytes) -> None:
         """Remove an internal file that was never put in place, and its entry."""
@@ -821,6 +889,10 @@ class Vault:
 
     def retire_unused_keys(self) -> list[int]:
         """Drop data keys that no entry or pending intent uses (never the active one)."""
-        if self.files.deferred_count():
-            self.flush_deletes()  # deleted files' entries are still in the log until then
+        if self.files.deferred_count() or self.files.applied_count():
+            # deleted files' entries are still in the log until then, and a rename not
+            # yet durable (re-encryption's last one) could be undone onto the old key
+            self.flush_deletes()
+        if not self._strict:
+            self.sync()  # the records that moved files off these keys, and their renames
         return self.keys.retire(list(self.keys.keys), self.files.referenced_keys())

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from encfs import filedict
+from encfs.disk import disk
 from encfs.errors import Corruption
 from encfs.filedict import (
     HEADER_SIZE,
@@ -338,7 +339,7 @@ def test_group_commit_shares_fsyncs(tmp_path, monkeypatch):
         time.sleep(0.01)
         real(fd)
 
-    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    monkeypatch.setattr(disk, "fdatasync", slow_fdatasync)
     threads_n, per_thread = 8, 10
     durable_at_return = []
 
@@ -366,7 +367,7 @@ def test_a_failed_fdatasync_poisons_the_log_until_reopened(tmp_path, monkeypatch
     def failing(fd):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(os, "fdatasync", failing)
+    monkeypatch.setattr(disk, "fdatasync", failing)
     with pytest.raises(OSError):
         d.append([Put(b"b", info(2))])
     monkeypatch.undo()

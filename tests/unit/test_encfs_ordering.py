@@ -14,6 +14,7 @@ import pytest
 
 import encfs.backing as backing_module
 import encfs.filedict as filedict_module
+from encfs.disk import disk
 from encfs.filedict import Del
 from encfs.fsops import RENAME_EXCHANGE
 from encfs.masterkey import MasterKeySource, generate_key_file
@@ -45,15 +46,15 @@ def traced(tmp_path, monkeypatch, request):
         monkeypatch.setattr(module, name, traced_call)
 
     wrap(filedict_module, "write_all", lambda fd, data: "log.write" if fd == log_fd() else None)
-    wrap(os, "fdatasync", lambda fd: "log.sync" if fd == log_fd() else "fdatasync")
+    wrap(disk, "fdatasync", lambda fd: "log.sync" if fd == log_fd() else "fdatasync")
     # fsync_dir's own fsync of the directory is traced as dir.fsync already
-    wrap(os, "fsync", lambda fd: "file.fsync" if stat.S_ISREG(os.fstat(fd).st_mode) else None)
+    wrap(disk, "fsync", lambda fd: "file.fsync" if stat.S_ISREG(os.fstat(fd).st_mode) else None)
     wrap(backing_module, "fsync_dir", "dir.fsync")
     wrap(backing_module, "renameat2", "rename")
-    wrap(os, "unlink", "unlink")
-    wrap(os, "link", "link")
-    wrap(os, "ftruncate", lambda fd, n: "truncate" if fd != log_fd() else None)
-    wrap(os, "open", lambda path, flags, *a, **k: "create" if flags & os.O_CREAT else None)
+    wrap(disk, "unlink", "unlink")
+    wrap(disk, "link", "link")
+    wrap(disk, "ftruncate", lambda fd, n: "truncate" if fd != log_fd() else None)
+    wrap(disk, "open", lambda path, flags, *a, **k: "create" if flags & os.O_CREAT else None)
     yield vault, log
     monkeypatch.undo()
     vault.close()
@@ -175,22 +176,30 @@ def test_link_entry_durable_before_the_link(traced):
 
 def test_truncate_durable_before_the_fresh_iv(traced):
     vault, log = traced
+    (vault.root / "a").write_bytes(b"old bytes")
     vault.truncate_to_zero(b"a")
     assert log == ["truncate", "file.fsync", "log.write", "log.sync"]
+    del log[:]
+    vault.truncate_to_zero(b"a")  # empty already: nothing to make durable first
+    assert log == ["truncate", "log.write", "log.sync"]
 
 
-@pytest.mark.parametrize("src,dst,flags,dirs", [
-    (b"a", b"b", 0, 1),  # over an existing file
-    (b"a", b"d/y", 0, 2),  # across directories
-    (b"d", b"e", 0, 1),  # a directory
-    (b"a", b"b", RENAME_EXCHANGE, 1),
+@pytest.mark.parametrize("src,dst,flags,dirs,before", [
+    (b"a", b"b", 0, 1, 1),  # over an existing file
+    (b"a", b"d/y", 0, 2, 0),  # across directories
+    (b"d", b"e", 0, 1, 0),  # a directory
+    (b"a", b"b", RENAME_EXCHANGE, 1, 1),
 ])
-def test_rename_intent_then_rename_then_durable_rename_then_commit(traced, src, dst, flags, dirs):
+def test_rename_intent_then_rename_then_durable_rename_then_commit(traced, src, dst, flags, dirs,
+                                                                     before):
     vault, log = traced
     vault.rename(src, dst, flags)
     vault.flush_deletes()  # a file rename's COMMIT waits for this; a directory's does not
-    # the COMMIT is not synced: an intent without it resolves by the tree alike
-    assert log == ["log.write", "log.sync", "rename", *["dir.fsync"] * dirs, "log.write"]
+    # over an existing name, src's own creation is made durable before the intent
+    # (recovery reads a missing src as a rename that happened); the COMMIT is not
+    # synced: an intent without it resolves by the tree alike
+    assert log == [*["dir.fsync"] * before, "log.write", "log.sync", "rename",
+                   *["dir.fsync"] * dirs, "log.write"]
 
 
 @pytest.mark.parametrize("traced", ["ordered"], indirect=True)
@@ -206,4 +215,6 @@ def test_ordered_mode_writes_in_order_without_syncing(traced):
                    "truncate", "log.write", "unlink", "log.write"]
     del log[:]
     vault.sync()
-    assert log == ["log.sync"]
+    # the directory of the rename and the unlink first: the log must not say they
+    # happened while a power cut could still undo them
+    assert log == ["dir.fsync", "log.sync"]
