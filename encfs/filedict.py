@@ -828,11 +828,18 @@ class FileDictionary:
                     failpoint("dict.rewrite.after-tmp")
                     disk.rename(tmp, self.path)
                     failpoint("dict.rewrite.after-rename")
-                    # before any append goes to the new log, the rename must be durable:
-                    # a power cut must not bring back the old log without it
-                    fsync_dir(self.path.parent)
+                    try:
+                        # before any append goes to the new log, the rename must be
+                        # durable: a power cut must not bring back the old log without it
+                        fsync_dir(self.path.parent)
+                        new_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                    except OSError as exc:
+                        # appends would now go to the old log, which no longer has a
+                        # name: refuse them all; a reopen finds one whole log or the other
+                        self._sync_error = exc
+                        raise
                     old = self._fd
-                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                    self._fd = new_fd
                     self.generation = generation
                     self._prev_mac = prev
                     self._size = size

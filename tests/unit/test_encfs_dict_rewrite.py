@@ -3,9 +3,13 @@ meanwhile: the race is made deterministic with sync points."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
+import pytest
+
+import encfs.filedict as filedict
 from encfs import content
 from encfs.filedict import RULE_SRC_GONE, Commit, Del, FileDictionary, FileInfo, Put
 from encfs.masterkey import MasterKeySource, generate_key_file
@@ -126,3 +130,29 @@ def test_a_vault_keeps_working_and_loses_nothing_during_a_rewrite(tmp_path):
             finally:
                 os.close(fd)
         assert sorted(p for p, _ in v.files.items()) == sorted(data)
+
+
+def test_a_failure_after_the_swap_refuses_appends_that_would_go_to_the_old_log(
+        tmp_path, monkeypatch):
+    """If the directory fsync after the rename fails, the open descriptor still names the
+    replaced log: an append there would vanish at the next open. It is refused instead,
+    and a reopen finds every record written before."""
+    path = tmp_path / "files.dict"
+    FileDictionary.create(path, MAC_KEY)
+    d = FileDictionary.open(path, MAC_KEY)
+    for n in range(50):
+        d.append([Put(b"f%d" % n, info(n))], sync=True)
+
+    def failing_fsync_dir(where):
+        raise OSError(errno.EIO, "injected", str(where))
+
+    monkeypatch.setattr(filedict, "fsync_dir", failing_fsync_dir)
+    with pytest.raises(OSError, match="injected"):
+        d.rewrite()
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="reopen the vault"):
+        d.append([Put(b"late", info(99))], sync=True)
+    d.close()
+    again = FileDictionary.open(path, MAC_KEY)
+    assert sorted(p for p, _ in again.items()) == sorted(b"f%d" % n for n in range(50))
+    again.close()
