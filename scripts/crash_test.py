@@ -113,14 +113,27 @@ def decode_changes(text: str) -> list[Change]:
 
 
 def next_changes(rng: random.Random) -> list[Change]:
-    """One commit: mostly a put, sometimes a delete, sometimes a batch of both."""
+    """One commit: mostly a put, sometimes a delete, a batch of both, or the deletion
+    of a run of consecutive keys (a range deletion where the engine has one)."""
     roll = rng.random()
-    if roll < 0.65:
+    if roll < 0.62:
         return [(rng.randrange(KEY_SPACE), True)]
-    if roll < 0.8:
+    if roll < 0.77:
         return [(rng.randrange(KEY_SPACE), False)]
+    if roll < 0.82:
+        first = rng.randrange(KEY_SPACE - 1)
+        return [(index, False) for index in range(first, min(KEY_SPACE, first + rng.randint(2, 40)))]
     keys = rng.sample(range(KEY_SPACE), rng.randint(2, MAX_BATCH))
     return [(index, rng.random() < 0.8) for index in keys]
+
+
+def deleted_run(changes: list[Change]) -> tuple[bytes, bytes] | None:
+    """[begin, end) when `changes` delete consecutive keys and nothing else."""
+    indexes = [index for index, put in changes if not put]
+    if len(changes) < 2 or len(indexes) != len(changes) or \
+            indexes != list(range(indexes[0], indexes[0] + len(indexes))):
+        return None
+    return key_bytes(indexes[0]), key_bytes(indexes[-1] + 1)
 
 
 # ---------------------------------------------------------------------------
@@ -157,6 +170,10 @@ class LsmdbStore(Store):
     def apply(self, changes: list[Change], op: int) -> None:
         from engine import WriteBatch
 
+        run = deleted_run(changes)
+        if run is not None:
+            self.db.delete_range(*run, sync=True)
+            return
         if len(changes) == 1 and changes[0][1]:
             index = changes[0][0]
             self.db.put(key_bytes(index), value_for(index, op), sync=True)
@@ -201,6 +218,10 @@ class SqliteStore(Store):
 
     def apply(self, changes: list[Change], op: int) -> None:
         conn = self.conn
+        run = deleted_run(changes)
+        if run is not None:
+            conn.execute("DELETE FROM kv WHERE k >= ? AND k < ?", run)
+            return
         conn.execute("BEGIN IMMEDIATE")
         for index, put in changes:
             if put:
@@ -236,6 +257,10 @@ class RocksdbStore(Store):
     def apply(self, changes: list[Change], op: int) -> None:
         from rocksdict import WriteBatch
 
+        run = deleted_run(changes)
+        if run is not None:
+            self.db.delete_range(*run, self.sync)
+            return
         if len(changes) == 1:
             index, put = changes[0]
             if put:

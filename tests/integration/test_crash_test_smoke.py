@@ -154,3 +154,12 @@ def test_bad_options_exit_2_without_a_traceback() -> None:
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_a_run_of_deleted_keys_becomes_one_range_deletion() -> None:
+    from crash_test import deleted_run
+
+    assert deleted_run([(4, False), (5, False), (6, False)]) == (key_bytes(4), key_bytes(7))
+    assert deleted_run([(4, False)]) is None                      # a plain delete
+    assert deleted_run([(4, False), (6, False)]) is None          # not consecutive
+    assert deleted_run([(4, False), (5, True)]) is None           # a put among them
