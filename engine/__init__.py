@@ -10,11 +10,13 @@ from .errors import (
     Corruption,
     DBClosed,
     EngineError,
+    IngestionError,
     InvalidArgument,
     LockError,
 )
 from .options import Options
 from .snapshots import Snapshot
+from .sst_file_writer import ExternalSstInfo, SstFileWriter
 from .write_batch import WriteBatch
 
 __all__ = [
@@ -23,9 +25,12 @@ __all__ = [
     "Corruption",
     "DBClosed",
     "EngineError",
+    "ExternalSstInfo",
+    "IngestionError",
     "InvalidArgument",
     "LockError",
     "Options",
     "Snapshot",
+    "SstFileWriter",
     "WriteBatch",
 ]

@@ -9,8 +9,11 @@ DB's state under the DB's locks (engine/db.py describes both).
 Invariants: a table number handed to a job stays in ``pending_tables`` until its
 edit is installed or the job is abandoned, so obsolete-file deletion never takes
 it; a table being compacted stays in ``busy`` until its compaction is installed or
-has failed, so it is never picked twice; an immutable memtable leaves the DB's list
-only together with the version holding its table.
+has failed, so it is never picked twice, and a compaction stays in ``running`` as
+long, so none is picked whose outputs could meet its outputs in a level (up to
+``max_background_compactions`` run at once); an immutable memtable leaves the DB's
+list only together with the version holding its table. Test-only sync points
+(engine/sync_points.py) mark the steps a test may hold.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .errors import BackgroundError
 from .filename import compaction_temp_prefix, sync_dir, table_name
 from .forked_job import run_job
 from .memtable import MemTable
+from .sync_points import sync_point
 from .table_reader import open_table
 from .version import FileMeta, VersionEdit
 
@@ -45,8 +49,10 @@ class BackgroundWork:
                                        options.level0_file_num_compaction_trigger,
                                        options.max_bytes_for_level_base,
                                        options.max_bytes_for_level_multiplier)
-        # Numbers of the tables being compacted (guarded by the DB's _lock).
+        # Numbers of the tables being compacted, and the compactions running
+        # (guarded by the DB's _lock).
         self.busy: set[int] = set()
+        self.running: list[Compaction] = []
         self.running_compactions = 0
         # While a manual compaction runs, the threads pick nothing.
         self.manual_compactions = 0
@@ -106,7 +112,9 @@ class BackgroundWork:
                          stats["smallest_seq"], stats["largest_seq"], 0, stats["num_entries"])
             open_table(db.path, f, db.cache)
             sync_dir(db.path)  # the table's name is durable before the MANIFEST names it
+            sync_point("flush:built", f)
             with db._vlock:
+                sync_point("flush:before_install", f)
                 with db._lock:
                     log_number = db._imms[1].log_number if len(db._imms) > 1 \
                         else db._mem.log_number
@@ -121,8 +129,9 @@ class BackgroundWork:
                     db.stats["bytes_flushed"] += f.size
                     db._cond.notify_all()
         finally:
-            self.pending_tables = self.pending_tables - {number}
+            self._release_numbers({number})
         db._delete_obsolete_files()
+        sync_point("flush:finished", f)
 
     # ------------------------------------------------------------- compaction
 
@@ -133,7 +142,7 @@ class BackgroundWork:
                 c = None
                 while not db._closing:
                     if db._bg_error is None and not self.manual_compactions:
-                        c = self.picker.pick(db._sv[2], self.busy)
+                        c = self.picker.pick(db._sv[2], self.busy, self.running)
                         if c is not None:
                             break
                     db._cond.wait()
@@ -150,26 +159,38 @@ class BackgroundWork:
     def mark_busy(self, c: Compaction) -> None:
         """Claim the inputs of ``c`` (caller holds the DB's _lock)."""
         self.busy.update(f.number for f in c.all_inputs)
+        self.running.append(c)
         self.running_compactions += 1
 
     def unmark_busy(self, c: Compaction) -> None:
         db = self._db
         with db._lock:
             self.busy.difference_update(f.number for f in c.all_inputs)
+            self.running.remove(c)
             self.running_compactions -= 1
             db._cond.notify_all()
+
+    def _release_numbers(self, numbers: set[int]) -> None:
+        """Table numbers handed out are no longer pending: installed, or abandoned.
+        Under ``_vlock``, like every change of ``pending_tables``, so that two threads
+        releasing and allocating at once lose neither's change."""
+        with self._db._vlock:
+            self.pending_tables = self.pending_tables - numbers
 
     def run_compaction(self, c: Compaction) -> None:
         """Merge the inputs of ``c`` (claimed by ``mark_busy``) and install the outputs."""
         db = self._db
         opts = db.options
         vs = db._vs
+        sync_point("compaction:picked", c)
         deleted = [(c.level, f.number) for f in c.inputs] + \
                   [(c.output_level, f.number) for f in c.overlapping]
         if c.trivial_move:
             edit = VersionEdit(deleted_files=deleted,
                                new_files=[(c.output_level, f) for f in c.inputs])
+            sync_point("compaction:before_install", edit)
             db._install(edit, [])
+            sync_point("compaction:installed", c)
             db.stats["trivial_moves"] += 1
             return
 
@@ -186,10 +207,13 @@ class BackgroundWork:
             outputs = run_job(compaction_job, groups, os.path.join(db.path, prefix), snapshots,
                               c.bottommost, opts.target_file_size_base, opts.block_size,
                               opts.compression, opts.bloom_bits_per_key,
+                              {path: f.global_seq for f in c.all_inputs
+                               if f.global_seq is not None for path in paths([f])},
                               isolated=opts.background_processes, niceness=COMPACTION_NICENESS)
         except OSError as exc:
             raise BackgroundError(f"compaction failed: {exc}") from None
         new_files = []
+        numbers: list[int] = []
         try:
             with db._vlock:
                 numbers = [vs.new_file_number() for _ in outputs]
@@ -201,12 +225,15 @@ class BackgroundWork:
                 open_table(db.path, f, db.cache)
                 new_files.append((c.output_level, f))
             sync_dir(db.path)
-            db._install(VersionEdit(deleted_files=deleted, new_files=new_files), c.all_inputs)
+            edit = VersionEdit(deleted_files=deleted, new_files=new_files)
+            sync_point("compaction:before_install", edit)
+            db._install(edit, c.all_inputs)
+            sync_point("compaction:installed", c)
         finally:
             for out in outputs:
                 if os.path.exists(out["path"]):
                     os.unlink(out["path"])
-            self.pending_tables = self.pending_tables - {f.number for _, f in new_files}
+            self._release_numbers(set(numbers))
         db.stats["compactions"] += 1
         db.stats["bytes_compacted_in"] += sum(f.size for f in c.all_inputs)
         db.stats["bytes_compacted_out"] += sum(f.size for _, f in new_files)
@@ -228,7 +255,8 @@ class BackgroundWork:
             last = max((lv for lv, files in enumerate(version.levels) if files), default=0)
             for level in range(max(last, 1)):
                 with db._lock:
-                    c = self.picker.pick_range(db._sv[2], level, begin, end, self.busy)
+                    c = self.picker.pick_range(db._sv[2], level, begin, end, self.busy,
+                                               self.running)
                     if c is None:
                         continue
                     self.mark_busy(c)
@@ -253,7 +281,7 @@ class BackgroundWork:
                 if db._bg_error is not None:
                     db._check_writable()
                 idle = not db._imms and not self.running_compactions and \
-                    self.picker.pick(db._sv[2], self.busy) is None
+                    self.picker.pick(db._sv[2], self.busy, self.running) is None
                 if idle:
                     return
                 db._cond.wait(0.1)

@@ -64,9 +64,12 @@ class BlockView:
                  "keys", "tags", "value_offsets", "base")
 
     def __init__(self, buf: bytes | mmap.mmap, base: int, size: int, path: str,
-                 offset: int) -> None:
+                 offset: int, global_seq: int | None = None) -> None:
         """Check the layout of the contents at ``buf[base:base + size]``; ``path`` and
-        ``offset`` (the block's place in its table) name it in a Corruption."""
+        ``offset`` (the block's place in its table) name it in a Corruption. With
+        ``global_seq`` (a block of an ingested table, whose entries are written with
+        sequence 0) the view is unpacked at once and every tag carries that sequence
+        number instead, so no reader ever sees the stored one."""
         if size < 8:
             raise Corruption(path, offset, "block too short")
         (n,) = U32.unpack_from(buf, base + size - 4)
@@ -90,6 +93,10 @@ class BlockView:
         self.tags: tuple[int, ...] | None = None
         self.value_offsets: tuple[int, ...] | None = None
         self.base = base
+        if global_seq is not None:
+            self.promote()
+            high = global_seq << 8
+            self.tags = tuple([high | (tag & 0xFF) for tag in self.tags])  # type: ignore[union-attr]
 
     def key_offsets(self) -> tuple[int, ...]:
         """The n + 1 key offsets, counted from ``base``."""
@@ -133,9 +140,11 @@ def key_at(buf: bytes | mmap.mmap, key_offsets_at: int, base: int, j: int) -> by
     return buf[base + s:base + e]
 
 
-def decode_block(data: bytes, path: str, offset: int) -> tuple[list[bytes], tuple[int, ...], tuple[int, ...], bytes]:
-    """Decode whole contents into ``(keys, tags, value_offsets, data)``."""
-    view = BlockView(data, 0, len(data), path, offset)
+def decode_block(data: bytes, path: str, offset: int, global_seq: int | None = None,
+                 ) -> tuple[list[bytes], tuple[int, ...], tuple[int, ...], bytes]:
+    """Decode whole contents into ``(keys, tags, value_offsets, data)``; tags carry
+    ``global_seq`` when given (see ``BlockView``)."""
+    view = BlockView(data, 0, len(data), path, offset, global_seq)
     ko = view.key_offsets()
     tags, vo = view.arrays()
     return [data[s:e] for s, e in zip(ko, ko[1:], strict=False)], tags, vo, data

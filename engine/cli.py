@@ -2,6 +2,7 @@
 
     lsmdb PATH put KEY VALUE | get KEY | delete KEY
     lsmdb PATH delete-range BEGIN END | single-delete KEY
+    lsmdb PATH ingest FILE... [--move]
     lsmdb PATH scan [--from KEY] [--to KEY] [--limit N] [--reverse]
     lsmdb PATH compact | stats | check
     lsmdb PATH hash [--from KEY] [--to KEY]
@@ -12,8 +13,8 @@ bytes that are not printable ASCII (or prints hex with ``--hex``). Every error i
 one line ``lsmdb: error: ...`` with a non-zero exit status.
 
 get, scan, hash, stats and check open the database read-only: they never create or change
-a file, and fail on a PATH that is not a database. put and delete create a database
-in a missing or empty directory, never in one holding other files.
+a file, and fail on a PATH that is not a database. put, delete and ingest create a
+database in a missing or empty directory, never in one holding other files.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .content_hash import content_hash
 from .db import DB
 from .errors import EngineError
 from .options import Options
+from .sst_file_writer import EXTERNAL_PROPERTY
 from .table_reader import TableReader
 from .tags import KIND_PUT, KIND_SINGLE_DELETE
 from .version import VersionEdit
@@ -37,7 +39,7 @@ DUMP_COMMANDS = ("dump-manifest", "dump-sst", "dump-wal")
 # Only reads, so a mistyped PATH is reported rather than turned into a database.
 READ_ONLY_COMMANDS = ("get", "scan", "hash", "stats", "check")
 # May create the database; compact needs one to exist, as there is nothing to compact.
-CREATING_COMMANDS = ("put", "delete", "delete-range", "single-delete")
+CREATING_COMMANDS = ("put", "delete", "delete-range", "single-delete", "ingest")
 
 
 class UsageError(Exception):
@@ -87,6 +89,11 @@ def _parser() -> _Parser:
                        help="delete KEY, put exactly once since its last deletion")
     s.add_argument("key")
     s.add_argument("--sync", action="store_true")
+    s = sub.add_parser("ingest", help="add external tables (written by SstFileWriter) "
+                                      "as the newest data")
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s.add_argument("--move", action="store_true",
+                   help="hard-link the files into the database instead of copying them")
     s = sub.add_parser("scan", help="print key/value pairs in order")
     s.add_argument("--from", dest="lower", help="first key (inclusive)")
     s.add_argument("--to", dest="upper", help="end key (exclusive)")
@@ -158,6 +165,9 @@ def _run_db(args: argparse.Namespace, codec: _Codec) -> int:
             db.delete_range(begin, end, sync=args.sync)
         elif cmd == "single-delete":
             db.single_delete(codec.arg(args.key, "key"), sync=args.sync)
+        elif cmd == "ingest":
+            db.ingest(args.files, move=args.move)
+            print(f"ingested {len(args.files)} file{'s' if len(args.files) != 1 else ''}")
         elif cmd == "scan":
             lower, upper = _bounds(args, codec)
             n = 0
@@ -213,12 +223,16 @@ def _dump(args: argparse.Namespace, codec: _Codec) -> int:
             for level, f in edit.new_files:
                 print(f"  add level {level} table {f.number}: {f.size} bytes, "
                       f"keys {codec.show(f.smallest)} .. {codec.show(f.largest)}, "
-                      f"seqs {f.smallest_seq}..{f.largest_seq}, epoch {f.epoch}")
+                      f"seqs {f.smallest_seq}..{f.largest_seq}, epoch {f.epoch}"
+                      + (f", ingested at global seq {f.global_seq}"
+                         if f.global_seq is not None else ""))
             for level, number in edit.deleted_files:
                 print(f"  delete level {level} table {number}")
     else:
         reader = TableReader(path, 0)
-        print(f"table {path}: {reader.size} bytes, {reader.num_blocks} data blocks")
+        external = " (external: every entry takes the global sequence number given at " \
+            "ingestion)" if reader.properties.get(EXTERNAL_PROPERTY) is True else ""
+        print(f"table {path}: {reader.size} bytes, {reader.num_blocks} data blocks{external}")
         print(f"properties: {json.dumps(reader.properties, sort_keys=True)}")
         for start, end, seq in reader.range_tombstones:
             print(f"range tombstone {codec.show(start)} .. {codec.show(end)} @ {seq}")

@@ -5,8 +5,11 @@ Leveled compaction: level 0 is compacted into level 1 when it holds
 ``max_bytes_for_level_base``; level L >= 1 is compacted into L + 1
 when its bytes exceed ``max_bytes_for_level_base * multiplier ** (L - 1)``. A file
 is picked only when neither it nor any file it would merge with is already being
-compacted (the caller's ``busy`` set). Job functions take only plain data and paths
-so they can run in a forked child (engine/background.py).
+compacted (the caller's ``busy`` set), and a compaction is picked only when its
+output range does not meet the output range of a running one at the same level
+(``running``): two results installed side by side must not overlap in a level >= 1.
+Job functions take only plain data and paths so they can run in a forked child
+(engine/background.py).
 
 Invariant of the merge: for each user key the newest version is kept, an older one
 only while a snapshot sees it, and a deletion is dropped only at the bottom of the
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import neg, or_
@@ -75,6 +78,18 @@ class Compaction:
     def epoch(self) -> int:
         return min(f.epoch for f in self.all_inputs)
 
+    @property
+    def key_range(self) -> tuple[bytes, bytes]:
+        """The keys its outputs can hold (inclusive): those of all its inputs."""
+        return _key_range(self.all_inputs)
+
+    def output_meets(self, level: int, lo: bytes, hi: bytes) -> bool:
+        """Whether its outputs, at their level, could meet ``[lo, hi]`` at ``level``."""
+        if level != self.output_level:
+            return False
+        mine_lo, mine_hi = self.key_range
+        return mine_lo <= hi and lo <= mine_hi
+
 
 def _key_range(files: list[FileMeta]) -> tuple[bytes, bytes]:
     return min(f.smallest for f in files), max(f.largest for f in files)
@@ -101,33 +116,41 @@ class CompactionPicker:
             out.append((version.level_bytes(level) / self.max_bytes(level), level))
         return sorted(out, reverse=True)
 
-    def pick(self, version: Version, busy: set[int]) -> Compaction | None:
+    def pick(self, version: Version, busy: set[int],
+             running: Sequence[Compaction] = ()) -> Compaction | None:
         for score, level in self.scores(version):
             if score < 1:
                 return None
-            c = self._pick_level0(version, busy) if level == 0 else self._pick_level(version, level, busy)
+            c = self._pick_level0(version, busy, running) if level == 0 else \
+                self._pick_level(version, level, busy, running)
             if c is not None:
                 return c
         return None
 
     def _finish(self, version: Version, level: int, inputs: list[FileMeta],
-                busy: set[int]) -> Compaction | None:
+                busy: set[int], running: Sequence[Compaction]) -> Compaction | None:
+        if any(f.number in busy for f in inputs):
+            return None
         lo, hi = _key_range(inputs)
         over = version.overlapping(level + 1, lo, hi)
         if any(f.number in busy for f in over):
             return None
         lo, hi = _key_range(inputs + over)
+        if any(r.output_meets(level + 1, lo, hi) for r in running):
+            return None
         deeper = any(version.overlapping(d, lo, hi) for d in range(level + 2, len(version.levels)))
         return Compaction(level, level + 1, inputs, over, bottommost=not deeper)
 
-    def _pick_level0(self, version: Version, busy: set[int]) -> Compaction | None:
+    def _pick_level0(self, version: Version, busy: set[int],
+                     running: Sequence[Compaction]) -> Compaction | None:
         files = version.levels[0]
         # All of level 0 goes down together, so no older overlapping file stays above.
         if not files or any(f.number in busy for f in files):
             return None
-        return self._finish(version, 0, list(files), busy)
+        return self._finish(version, 0, list(files), busy, running)
 
-    def _pick_level(self, version: Version, level: int, busy: set[int]) -> Compaction | None:
+    def _pick_level(self, version: Version, level: int, busy: set[int],
+                    running: Sequence[Compaction]) -> Compaction | None:
         files = version.levels[level]
         if not files:
             return None
@@ -138,23 +161,21 @@ class CompactionPicker:
             f = files[(start + i) % len(files)]
             if f.number in busy:
                 continue
-            c = self._finish(version, level, [f], busy)
+            c = self._finish(version, level, [f], busy, running)
             if c is not None:
                 self._pointers[level] = f.largest
                 return c
         return None
 
     def pick_range(self, version: Version, level: int, begin: bytes | None, end: bytes | None,
-                   busy: set[int]) -> Compaction | None:
+                   busy: set[int], running: Sequence[Compaction] = ()) -> Compaction | None:
         """The compaction of ``level`` files meeting ``[begin, end]`` into the next level."""
         files = version.overlapping(level, begin, end)
         if not files:
             return None
         if level == 0:
             files = list(version.levels[0])
-        if any(f.number in busy for f in files):
-            return None
-        return self._finish(version, level, files, busy)
+        return self._finish(version, level, files, busy, running)
 
 
 def flush_job(mem: MemTable, path: str, block_size: int, compression: str,
@@ -278,15 +299,18 @@ def _surviving_tombstones(tombs: FragmentedTombstones, snaps: list[int],
 
 def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int],
                    bottommost: bool, target_size: int, block_size: int, compression: str,
-                   bloom_bits: int) -> list[dict]:
+                   bloom_bits: int, global_seqs: dict[str, int] | None = None) -> list[dict]:
     """Merge the tables in ``groups`` (newest group first, each sorted and disjoint).
 
     Outputs go to ``{tmp_prefix}{i}.tmp``, split at ``target_size`` between user
-    keys; returns their stats with the path under ``"path"``.
+    keys; returns their stats with the path under ``"path"``. ``global_seqs`` maps
+    the path of each ingested input to its global sequence number; the outputs are
+    ordinary tables holding the versions with it.
     """
     snaps = sorted(snapshots)
     nsnaps = len(snaps)
-    readers = [[TableReader(path, 0) for path in group] for group in groups]
+    gseqs = global_seqs or {}
+    readers = [[TableReader(path, 0, None, gseqs.get(path)) for path in group] for group in groups]
     tombs = fragment(t for group in readers for r in group for t in r.range_tombstones)
     newest_above = tombs.newest_above if len(tombs) else None
     kept_tombs = _surviving_tombstones(tombs, snaps, bottommost)

@@ -18,7 +18,10 @@ fragmented tombstones, and iterators combine them (engine/iterator.py).
 
 Readers take no lock: ``_sv`` (memtable, immutable memtables newest first, version)
 is replaced as one tuple, so a reader always sees a consistent set. A version is
-published before the memtable it absorbed is dropped from ``_sv``.
+published before the memtable it absorbed is dropped from ``_sv``. A reader pins
+the version it reads (``Version.pins``: ``get`` for its duration, an iterator until
+closed); a table a compaction dropped is unlinked only once neither the current
+version nor a pinned one names it (``_unlink_dropped_tables``).
 
 Invariants: every acknowledged write is in the WAL or in a table named by the
 MANIFEST; level 0 is read newest ``epoch_number`` first; an edit is applied to the
@@ -31,7 +34,7 @@ import fcntl
 import os
 import threading
 from bisect import bisect_left as _bisect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from .background import BackgroundWork
 from .block_cache import BlockCache
@@ -39,14 +42,16 @@ from .bloom import key_hash, probes_for
 from .bloom import masks as bloom_masks
 from .errors import BackgroundError, Corruption, DBClosed, EngineError, InvalidArgument, LockError
 from .filename import LOCK, log_name, obsolete_files, remove_files, sync_dir, table_name
+from .ingest import ingest_files
 from .iterator import releasing, scan
 from .memtable import ABSENT, ENTRY_OVERHEAD, MemTable
 from .options import Options
 from .range_tombstones import largest_covered
 from .recovery import check_directory, recover
 from .snapshots import Snapshot, SnapshotList
+from .sync_points import sync_point
 from .table_reader import MISS, TableReader
-from .version import FileMeta, Version, VersionEdit, VersionSet, check_version
+from .version import FileMeta, Version, VersionEdit, VersionPin, VersionSet, check_version
 from .wal import WAL_PREALLOCATE, LogWriter, frame
 from .write_batch import Op, WriteBatch, as_bytes, encode_batch, insert_into, op_bytes, put_record
 from .write_controller import Room, WriteController
@@ -73,6 +78,7 @@ class DB:
                       "bytes_flushed": 0, "bytes_compacted_in": 0, "bytes_compacted_out": 0,
                       "stall_waits": 0}
         self._vs = VersionSet(path, options.num_levels)
+        self._vs.on_invalid_edit = self._stop_writes
         self._snapshots = SnapshotList(self._lock)
         self._write_controller = WriteController(options)
         self._background = BackgroundWork(self)
@@ -90,6 +96,14 @@ class DB:
         self._write_buffer_size = options.write_buffer_size
         # What readers see: (memtable, immutable memtables newest first, version).
         self._sv: tuple[MemTable, tuple[MemTable, ...], Version] = (self._mem, (), self._vs.current)
+        # Tables in use after they left the current version. ``_retired``: versions
+        # replaced while a reader pinned them; ``_dropped``: tables a compaction
+        # removed, by number, not yet unlinked. Changed under _lock; read by
+        # _unlink_dropped_tables without it.
+        self._retired: list[Version] = []
+        self._dropped: dict[int, FileMeta] = {}
+        self._unlink_lock = threading.Lock()
+        self._unlink_wanted = False
 
     # ----------------------------------------------------------------- open
 
@@ -166,12 +180,17 @@ class DB:
     def _publish(self, version: Version) -> None:
         """Make ``version`` and the memtables visible to readers (caller may hold _lock)."""
         version.note_range_tombstones()
+        old = self._sv[2]
         self._sv = (self._mem, tuple(reversed(self._imms)), version)
+        # Checked after the swap: a reader pinning ``old`` later sees the swap and
+        # lets go (``get``), or pins under _lock, which the caller holds (iterator).
+        if old is not version and old.pins:
+            self._retired.append(old)
         self._write_controller.set_level0_files(len(version.levels[0]))
 
     def _install(self, edit: VersionEdit, obsolete: list[FileMeta]) -> None:
-        """Apply ``edit`` to the version current now, publish it, and delete the
-        tables in ``obsolete`` (which it no longer names)."""
+        """Apply ``edit`` to the version current now, publish it, and unlink the
+        tables in ``obsolete`` (which it no longer names) once no reader uses them."""
         with self._vlock:
             version = self._vs.log_and_apply(edit)
             with self._lock:
@@ -179,14 +198,63 @@ class DB:
                 if self._vs.last_sequence > self._seq:
                     self._seq = self._vs.last_sequence
                 self._publish(version)
+                for f in obsolete:
+                    self._dropped[f.number] = f
                 self._cond.notify_all()
-        for f in obsolete:
-            if f.reader is not None:
-                f.reader.evict()
+        self._unlink_dropped_tables()
+
+    def _pin_current(self) -> Version:
+        """Pin the current version for a read; ``_unpin`` when done. Lock-free: the
+        pin is re-checked after the version is read, so a version replaced in
+        between (whose tables may already be going) is never used."""
+        while True:
+            version = self._sv[2]
+            version.pins.append(None)
+            if self._sv[2] is version:
+                return version
+            version.pins.pop()
+
+    def _unpin(self, version: Version) -> None:
+        version.pins.pop()
+        if not version.pins and version is not self._sv[2]:
+            self._unlink_dropped_tables()
+
+    def _unlink_dropped_tables(self) -> None:
+        """Unlink the dropped tables that neither the current version nor a pinned
+        one names. Takes no DB lock and never blocks: a reader's release may run
+        here from a finalizer on a thread that holds one. A call finding another
+        at work leaves it a note to run once more."""
+        self._unlink_wanted = True
+        while self._unlink_wanted and self._unlink_lock.acquire(blocking=False):
             try:
-                os.unlink(os.path.join(self.path, table_name(f.number)))
-            except FileNotFoundError:
-                pass
+                self._unlink_wanted = False
+                # Dropped first, then the versions: a table is added to _dropped
+                # only after the version that stopped naming it was published.
+                dropped = list(self._dropped.values())
+                if not dropped:
+                    continue
+                current = self._sv[2]
+                in_use = {f.number for _, f in current.files()}
+                for v in list(self._retired):
+                    if v.pins and v is not current:
+                        in_use.update(f.number for _, f in v.files())
+                    else:
+                        self._retired.remove(v)
+                gone = [f for f in dropped if f.number not in in_use]
+                if not gone:
+                    continue
+                sync_point("unlink_dropped:before", sorted(f.number for f in gone))
+                for f in gone:
+                    if f.reader is not None:
+                        f.reader.evict()
+                        f.reader.close()
+                    try:
+                        os.unlink(os.path.join(self.path, table_name(f.number)))
+                    except FileNotFoundError:
+                        pass
+                    self._dropped.pop(f.number, None)
+            finally:
+                self._unlink_lock.release()
 
     def _delete_obsolete_files(self) -> None:
         """Remove tables, logs and MANIFESTs the current state no longer names."""
@@ -196,14 +264,24 @@ class DB:
             # live at this moment is dead for good, as numbers are never reused.
             floor = vs.next_file_number
             pending = self._background.pending_tables
-            live_tables = {f.number for _, f in vs.current.files()}
+            # Dropped tables are unlinked by _unlink_dropped_tables once unused.
+            live_tables = {f.number for _, f in vs.current.files()} | set(self._dropped)
             live_logs = {m.log_number for m in self._imms} | {self._mem.log_number}
             log_floor = vs.log_number
             manifest = vs.manifest_number
-        remove_files(self.path, obsolete_files(
+        dead = obsolete_files(
             os.listdir(self.path), live_tables=live_tables, pending_tables=pending,
             table_floor=floor, live_logs=live_logs, log_floor=log_floor, manifest=manifest,
-            recovering=False))
+            recovering=False)
+        sync_point("delete_obsolete:before", dead)
+        remove_files(self.path, dead)
+
+    def _stop_writes(self, exc: EngineError) -> None:
+        """Refuse writes from now on because of ``exc`` (a version edit that failed
+        its check). Takes no lock: the caller may hold _vlock and _lock; a write
+        reads ``_bg_error`` under _lock, so the next one sees it."""
+        if self._bg_error is None:
+            self._bg_error = exc
 
     def _set_bg_error(self, exc: BaseException) -> None:
         with self._lock:
@@ -392,54 +470,67 @@ class DB:
         """The value of ``key`` (at ``snapshot`` if given), or None."""
         if type(key) is not bytes:
             key = as_bytes(key, "key")
-        mem, imms, version = self._sv
-        if mem.range_dels or version.has_range_tombstones or (
-                imms and any(imm.range_dels for imm in imms)):
-            return self._get_under_tombstones(
-                key, None if snapshot is None else snapshot.seq, mem, imms, version)
-        if snapshot is None:
-            snap = None
-            value = mem.values.get(key, ABSENT)
-            if value is not ABSENT:
-                return value  # type: ignore[return-value]
-            # Tested first: most reads meet no immutable memtable, and an empty loop
-            # still makes an iterator.
-            if imms:
-                for imm in imms:
-                    value = imm.values.get(key, ABSENT)
-                    if value is not ABSENT:
-                        return value  # type: ignore[return-value]
-        else:
-            snap = snapshot.seq
-            found, value = mem.get(key, snap)
-            if found:
-                return value
-            for imm in imms:
-                found, value = imm.get(key, snap)
+        # Pinned so a compaction finishing meanwhile does not unlink its tables:
+        # ``_pin_current`` written out, as this is the hottest path.
+        while True:
+            mem, imms, version = self._sv
+            pins = version.pins
+            pins.append(None)
+            if self._sv[2] is version:
+                break
+            pins.pop()
+        try:
+            if mem.range_dels or version.has_range_tombstones or (
+                    imms and any(imm.range_dels for imm in imms)):
+                return self._get_under_tombstones(
+                    key, None if snapshot is None else snapshot.seq, mem, imms, version)
+            if snapshot is None:
+                snap = None
+                value = mem.values.get(key, ABSENT)
+                if value is not ABSENT:
+                    return value  # type: ignore[return-value]
+                # Tested first: most reads meet no immutable memtable, and an empty loop
+                # still makes an iterator.
+                if imms:
+                    for imm in imms:
+                        value = imm.values.get(key, ABSENT)
+                        if value is not ABSENT:
+                            return value  # type: ignore[return-value]
+            else:
+                snap = snapshot.seq
+                found, value = mem.get(key, snap)
                 if found:
                     return value
-        # One hash serves every table's filter.
-        h = key_hash(key)
-        for f in version.levels[0]:
-            if f.smallest <= key <= f.largest:
-                r = f.reader
-                if r.bloom.may_contain(h):
-                    r = r.lookup(key, snap)
-                    if r is not MISS:
-                        return r  # type: ignore[return-value]
-        runs = version.runs
-        if runs:
-            for files, largests in runs:
-                i = _bisect(largests, key)
-                if i < len(files):
-                    f = files[i]
-                    if f.smallest <= key:
-                        r = f.reader
-                        if r.bloom.may_contain(h):
-                            r = r.lookup(key, snap)
-                            if r is not MISS:
-                                return r  # type: ignore[return-value]
-        return None
+                for imm in imms:
+                    found, value = imm.get(key, snap)
+                    if found:
+                        return value
+            # One hash serves every table's filter.
+            h = key_hash(key)
+            for f in version.levels[0]:
+                if f.smallest <= key <= f.largest:
+                    r = f.reader
+                    if r.bloom.may_contain(h):
+                        r = r.lookup(key, snap)
+                        if r is not MISS:
+                            return r  # type: ignore[return-value]
+            runs = version.runs
+            if runs:
+                for files, largests in runs:
+                    i = _bisect(largests, key)
+                    if i < len(files):
+                        f = files[i]
+                        if f.smallest <= key:
+                            r = f.reader
+                            if r.bloom.may_contain(h):
+                                r = r.lookup(key, snap)
+                                if r is not MISS:
+                                    return r  # type: ignore[return-value]
+            return None
+        finally:
+            pins.pop()
+            if not pins and self._sv[2] is not version:
+                self._unlink_dropped_tables()
 
     def _get_under_tombstones(self, key: bytes, snap: int | None, mem: MemTable,
                               imms: tuple[MemTable, ...], version: Version) -> bytes | None:
@@ -492,14 +583,16 @@ class DB:
             else:
                 seq = self._seq
                 own = self._snapshots.register(seq) if mems else None
-        if lower is not None and upper is not None and lower >= upper:
-            if own is not None:
-                own.release()
-            return iter(())
+            if lower is not None and upper is not None and lower >= upper:
+                if own is not None:
+                    own.release()
+                return iter(())
+            # Under _lock, so the version cannot be replaced before it is pinned.
+            pin = VersionPin(version, self._unpin)
         merged = scan(mems, version, lower, upper, reverse, seq)
-        # The sources read tables and memtables lazily; the version they pinned
-        # keeps the tables readable. A registered snapshot lives as long as they do.
-        return merged if own is None else releasing(merged, own)
+        # The sources read tables and memtables lazily; the pinned version keeps
+        # the tables on disk and readable. A registered snapshot lives as long.
+        return releasing(merged, pin) if own is None else releasing(merged, pin, own)
 
     def snapshot(self) -> Snapshot:
         """A read view of everything written so far; use ``with`` or ``release()``."""
@@ -523,6 +616,15 @@ class DB:
             assert self._wal is not None
             self._wal.flush()
 
+    def ingest(self, paths: Iterable[str | os.PathLike], move: bool = False) -> None:
+        """Add the external tables at ``paths`` (engine/sst_file_writer.py) as the
+        newest data: all get one new sequence number, each a new epoch, and each goes
+        to the deepest level where it overlaps nothing above (engine/ingest.py).
+        Every file is checked first; IngestionError names a bad one, and then the
+        database is unchanged. A memtable overlapping them is flushed first. The files
+        are copied, or hard-linked with ``move`` (copied across filesystems)."""
+        ingest_files(self, paths, move)
+
     def compact_range(self, begin: bytes | None = None, end: bytes | None = None) -> None:
         """Flush, then merge every level's tables meeting ``[begin, end]`` downwards."""
         if begin is not None:
@@ -544,7 +646,19 @@ class DB:
         """Verify level invariants and every block checksum; raise Corruption if bad."""
         if self._closed:
             raise DBClosed(f"{self.path}: database is closed")
-        version = self._sv[2]
+        # Pinned: a compaction finishing meanwhile leaves these tables in place.
+        version = self._pin_current()
+        try:
+            self._check_version_tables(version)
+        finally:
+            self._unpin(version)
+
+    def _check_version_tables(self, version: Version) -> None:
+        """``check`` of a pinned version: the level rules, then per table its size,
+        every block (checksum, entry order: ``TableReader.verify``), its keys and
+        range tombstones inside the MANIFEST's bounds, tombstones in start order, and
+        a filter that matches every key it holds (a filter missing one would make
+        point reads skip the key)."""
         vs = self._vs
         check_version(version, vs.manifest_path(), vs.next_epoch, vs.next_file_number)
         for level, f in version.files():
@@ -553,9 +667,7 @@ class DB:
             try:
                 size = os.path.getsize(path)
             except FileNotFoundError:
-                if any(g is f for _, g in self._sv[2].files()):
-                    raise Corruption(path, None, "live table file is missing") from None
-                continue  # compacted away since this check began
+                raise Corruption(path, None, "live table file is missing") from None
             if size != f.size:
                 raise Corruption(path, None, "table size differs from the MANIFEST")
             reader.verify()
@@ -563,10 +675,22 @@ class DB:
             if first is not None:
                 if first < f.smallest or reader.index_keys[-1] > f.largest:
                     raise Corruption(path, None, f"keys outside the MANIFEST's range (level {level})")
+            prev_start = None
             for start, end, _ in reader.range_tombstones:
                 if not start < end or start < f.smallest or largest_covered(end) > f.largest:
                     raise Corruption(path, None, "range tombstone outside the MANIFEST's range "
                                                  f"(level {level})")
+                if prev_start is not None and start < prev_start:
+                    raise Corruption(path, reader.footer_handles[2][0],
+                                     "range tombstones out of order")
+                prev_start = start
+            may_contain = reader.bloom.may_contain
+            for (off, _), (keys, _, _) in zip(reader.handles, reader.blocks(), strict=True):
+                for key in keys:
+                    if not may_contain(key_hash(key)):
+                        raise Corruption(path, reader.footer_handles[1][0],
+                                         f"filter does not match key {key!r} of the block "
+                                         f"at offset {off}")
 
     def level_file_counts(self) -> dict[int, int]:
         """Number of tables at each level of the current version."""
@@ -614,6 +738,8 @@ class DB:
                 self._closing = True
                 self._cond.notify_all()
             self._background.join()
+            # Tables an open iterator still pins stay; the next open removes them.
+            self._unlink_dropped_tables()
             with self._lock:
                 self._closed = True
                 try:

@@ -32,3 +32,8 @@ class DBClosed(EngineError):
 
 class BackgroundError(EngineError):
     """A background flush or compaction failed; writes are refused until reopen."""
+
+
+class IngestionError(EngineError):
+    """A file given to ``DB.ingest`` cannot be ingested; names the file and why.
+    The database is left as it was."""

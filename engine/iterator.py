@@ -11,7 +11,8 @@ source of a forward read, it is scanned straight through, with no merge.
 Invariant: an iterator yields every key live at its sequence number in
 ``[lower, upper)`` exactly once, in order. Everything it reads stays readable while
 it runs: the version it captured pins the tables, and a snapshot it holds
-(``releasing``) pins the memtable versions.
+(``releasing``) pins the memtable versions; the version pin keeps the tables on
+disk until the iterator is closed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .range_tombstones import FragmentedTombstones, Tombstone, fragment
 from .snapshots import Snapshot
 from .table_reader import TableReader
 from .table_scan import scan_live, scan_tables
-from .version import FileMeta, Version
+from .version import FileMeta, Version, VersionPin
 
 Source = Iterator[tuple[bytes, int, bytes | None]]
 
@@ -126,12 +127,15 @@ def level_tables(files: list[FileMeta], largests: list[bytes], lower: bytes | No
         i -= 1
 
 
-def releasing(items: Iterator[tuple[bytes, bytes]], snapshot: Snapshot) -> Iterator[tuple[bytes, bytes]]:
-    """``items``, releasing ``snapshot`` when they end or the iterator is dropped."""
+def releasing(items: Iterator[tuple[bytes, bytes]],
+              *held: Snapshot | VersionPin) -> Iterator[tuple[bytes, bytes]]:
+    """``items``, releasing each of ``held`` when they end or the iterator is closed
+    (one dropped before its first item is released by the holds' finalizers)."""
     try:
         yield from items
     finally:
-        snapshot.release()
+        for h in held:
+            h.release()
 
 
 def _live(source: Source) -> Iterator[tuple[bytes, bytes]]:

@@ -33,6 +33,19 @@ def largest_covered(end: bytes) -> bytes:
     return end[:-1] if end.endswith(b"\x00") else end
 
 
+def widen_to_cover(smallest: bytes | None, largest: bytes | None,
+                   tombstones: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None]:
+    """A table's key range ``[smallest, largest]`` widened to cover every tombstone
+    ``(start, end)``, whatever order they come in (None: no key yet)."""
+    for start, end in tombstones:
+        if smallest is None or start < smallest:
+            smallest = start
+        last = largest_covered(end)
+        if largest is None or last > largest:
+            largest = last
+    return smallest, largest
+
+
 def successor(key: bytes) -> bytes:
     """The smallest key above ``key``."""
     return key + b"\x00"

@@ -20,7 +20,7 @@ from operator import add
 
 from .block import encode_block
 from .bloom import build_filter, key_hash
-from .range_tombstones import largest_covered
+from .range_tombstones import widen_to_cover
 from .table_format import (
     COMPRESSION_NONE,
     COMPRESSION_ZLIB,
@@ -151,8 +151,10 @@ class TableBuilder:
         self._index_keys.append(keys[-1])
         self._index_values.append(HANDLE.pack(off, size))
 
-    def finish(self) -> dict:
-        """Write index, filter, tombstones, properties and footer; fsync; return stats."""
+    def finish(self, extra_properties: dict | None = None) -> dict:
+        """Write index, filter, tombstones, properties and footer; fsync; return stats.
+        ``extra_properties`` are added to the properties block (an external table's
+        ``external`` marker, engine/sst_file_writer.py)."""
         self._cut(True)
         index = self._write_block(
             encode_block(self._index_keys, [0] * len(self._index_keys), self._index_values), False)
@@ -164,12 +166,7 @@ class TableBuilder:
         smallest = self.first_key
         largest = self._index_keys[-1] if self._index_keys else None
         # The key range covers every range tombstone, whatever order they came in.
-        for start, _, end in rdels:
-            if smallest is None or start < smallest:
-                smallest = start
-            last = largest_covered(end)
-            if largest is None or last > largest:
-                largest = last
+        smallest, largest = widen_to_cover(smallest, largest, ((r[0], r[2]) for r in rdels))
         if smallest is None or largest is None:
             smallest = largest = b""
         props = {
@@ -184,6 +181,8 @@ class TableBuilder:
             "largest_seq": self.largest_seq,
             "compression": self._compression,
         }
+        if extra_properties:
+            props.update(extra_properties)
         propb = self._write_block(encode_properties(props), False)
         self._file.write(encode_footer([index, filt, rdel, propb]))
         self._offset += FOOTER_SIZE

@@ -8,6 +8,13 @@ checksummed when it is read into the block cache, and a cached block is a checke
 view of the mapping that is not checked again. Invariant: a reader returns bytes
 only from blocks whose checksum verified; anything else raises ``Corruption``
 naming the file and the block offset.
+
+An ingested table (engine/ingest.py) is written with sequence number 0 everywhere
+and given one *global sequence number* when it joins the database (kept in the
+MANIFEST, not in the file). A reader opened with ``global_seq`` presents every entry
+and range tombstone with that number: the substitution happens where blocks are
+decoded (engine/block.py's ``BlockView``), so point reads, scans, snapshots,
+compaction and the tombstone logic all see only the global one.
 """
 
 from __future__ import annotations
@@ -54,10 +61,13 @@ MISS = _Miss()
 class TableReader:
     """Reads one table through mmap; footer, index, filter and tombstones load at open."""
 
-    def __init__(self, path: str, number: int, cache: BlockCache | None = None) -> None:
+    def __init__(self, path: str, number: int, cache: BlockCache | None = None,
+                 global_seq: int | None = None) -> None:
         self.path = path
         self.number = number
         self.cache = cache
+        # The sequence number every entry of an ingested table reads as; None otherwise.
+        self.global_seq = global_seq
         # Block i of this table is cached under key _cache_base + i.
         self._cache_base = number << 24
         fd = os.open(path, os.O_RDONLY)
@@ -86,7 +96,8 @@ class TableReader:
         self.num_blocks = len(self.handles)
         # Point reads probe it for every table whose key range holds the key.
         self.bloom = BloomFilter(self._read(*handles[1]))
-        rkeys, rtags, rvo, rdata = decode_block(self._read(*handles[2]), path, handles[2][0])
+        rkeys, rtags, rvo, rdata = decode_block(self._read(*handles[2]), path, handles[2][0],
+                                                global_seq)
         self.range_tombstones = [
             (rkeys[i], rdata[rvo[i]:rvo[i + 1]], rtags[i] >> 8) for i in range(len(rkeys))]
         # Fragmented once per table, for every read that meets it; None when empty.
@@ -113,9 +124,13 @@ class TableReader:
                 return blk
         off, size = self.handles[i]
         buf, base = read_block(self._mm, self.size, off, size, self.path)
-        blk = BlockView(buf, base, size if buf is self._mm else len(buf), self.path, off)
+        blk = BlockView(buf, base, size if buf is self._mm else len(buf), self.path, off,
+                        self.global_seq)
         if cache is not None:
-            cache.insert(self._cache_base + i, blk, self._charge(blk))
+            charge = self._charge(blk)
+            if blk.keys is not None:
+                charge += 200 * blk.count  # unpacked at once (an ingested table's block)
+            cache.insert(self._cache_base + i, blk, charge)
         return blk
 
     def _charge(self, blk: BlockView) -> int:
@@ -188,13 +203,15 @@ class TableReader:
     def blocks(self) -> Iterator[tuple[list[bytes], list[int], list[bytes]]]:
         """Every data block as ``(keys, tags, values)``, bypassing the block cache."""
         for off, size in self.handles:
-            keys, tags, vo, data = decode_block(self._read(off, size), self.path, off)
+            keys, tags, vo, data = decode_block(self._read(off, size), self.path, off,
+                                                self.global_seq)
             yield keys, tags, [data[s:e] for s, e in zip(vo, vo[1:], strict=False)]
 
     def entries(self) -> Iterator[tuple[bytes, int, bytes | None]]:
         """Every version as ``(key, tag, value-or-None)``, bypassing the block cache."""
         for off, size in self.handles:
-            keys, tags, vo, data = decode_block(self._read(off, size), self.path, off)
+            keys, tags, vo, data = decode_block(self._read(off, size), self.path, off,
+                                                self.global_seq)
             for j, k in enumerate(keys):
                 tag = tags[j]
                 yield k, tag, data[vo[j]:vo[j + 1]] if tag & 0xFF == KIND_PUT else None
@@ -204,7 +221,8 @@ class TableReader:
         prev: tuple[bytes, int] | None = None
         count = 0
         for bi, (off, size) in enumerate(self.handles):
-            keys, tags, _, _ = decode_block(self._read(off, size), self.path, off)
+            keys, tags, _, _ = decode_block(self._read(off, size), self.path, off,
+                                            self.global_seq)
             if not keys:
                 raise Corruption(self.path, off, "empty data block")
             if keys[-1] != self.index_keys[bi]:
@@ -242,7 +260,7 @@ def open_table(dbpath: str, f: FileMeta, cache: BlockCache | None) -> None:
     is missing or its size differs from the MANIFEST's."""
     path = os.path.join(dbpath, table_name(f.number))
     try:
-        f.reader = TableReader(path, f.number, cache)
+        f.reader = TableReader(path, f.number, cache, f.global_seq)
     except FileNotFoundError:
         raise Corruption(path, None, "table file named by the MANIFEST is missing") from None
     if f.reader.size != f.size:

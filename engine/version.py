@@ -16,6 +16,7 @@ import json
 import os
 import threading
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,16 +36,28 @@ class FileMeta:
     epoch: int
     num_entries: int = 0
     reader: Any = None  # an open TableReader; not persisted
+    # An ingested table's global sequence number (engine/ingest.py): every entry in
+    # it reads with this number. None for a table the engine built.
+    global_seq: int | None = None
 
     def to_json(self, level: int) -> list:
-        return [level, self.number, self.size, self.smallest.hex(), self.largest.hex(),
-                self.smallest_seq, self.largest_seq, self.epoch, self.num_entries]
+        row = [level, self.number, self.size, self.smallest.hex(), self.largest.hex(),
+               self.smallest_seq, self.largest_seq, self.epoch, self.num_entries]
+        if self.global_seq is not None:
+            row.append(self.global_seq)
+        return row
 
     @classmethod
     def from_json(cls, row: list) -> tuple[int, FileMeta]:
-        level, number, size, smallest, largest, sseq, lseq, epoch, n = row
+        # A tenth element, the global sequence number, is optional (older MANIFESTs
+        # and tables the engine built have none).
+        level, number, size, smallest, largest, sseq, lseq, epoch, n, *rest = row
+        if len(rest) > 1:
+            raise ValueError(f"new_files row of {len(row)} elements")
+        gseq = int(rest[0]) if rest and rest[0] is not None else None
         return int(level), cls(int(number), int(size), bytes.fromhex(smallest),
-                               bytes.fromhex(largest), int(sseq), int(lseq), int(epoch), int(n))
+                               bytes.fromhex(largest), int(sseq), int(lseq), int(epoch), int(n),
+                               global_seq=gseq)
 
 
 def _l0_order(f: FileMeta) -> tuple[int, int]:
@@ -54,7 +67,7 @@ def _l0_order(f: FileMeta) -> tuple[int, int]:
 class Version:
     """One immutable table set. ``largests[L]`` lists the largest keys of level L."""
 
-    __slots__ = ("levels", "largests", "runs", "has_range_tombstones")
+    __slots__ = ("levels", "largests", "runs", "has_range_tombstones", "pins")
 
     def __init__(self, levels: list[list[FileMeta]]) -> None:
         self.levels = levels
@@ -65,6 +78,9 @@ class Version:
         # Whether any table holds a range tombstone: reads take the path that checks
         # them only then. Known once the tables are open; the DB sets it on publishing.
         self.has_range_tombstones = False
+        # One item per reader using this version (list append and pop are atomic,
+        # so pinning takes no lock); its tables are not unlinked while any remain.
+        self.pins: list[None] = []
 
     def files(self) -> list[tuple[int, FileMeta]]:
         return [(level, f) for level, files in enumerate(self.levels) for f in files]
@@ -89,6 +105,30 @@ class Version:
             out.append(files[i])
             i += 1
         return out
+
+
+class VersionPin:
+    """A reader's hold on a version: its tables stay on disk until ``release``
+    (called once; the collector calls it for a reader dropped unfinished)."""
+
+    __slots__ = ("version", "_on_release", "_released")
+
+    def __init__(self, version: Version, on_release: Callable[[Version], None]) -> None:
+        version.pins.append(None)
+        self.version = version
+        self._on_release = on_release
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._on_release(self.version)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 @dataclass
@@ -150,29 +190,38 @@ def apply_edit(version: Version, edit: VersionEdit) -> Version:
     return Version(levels)
 
 
+def check_level(files: list[FileMeta], level: int, where: str) -> None:
+    """Raise Corruption unless one level obeys its rules: every table's smallest key
+    <= its largest; level 0 in strictly descending epoch order; a deeper level
+    sorted by key with no key in two tables. Cheap enough for every install."""
+    prev: FileMeta | None = None
+    for f in files:
+        if f.smallest > f.largest:
+            raise Corruption(where, None, f"table {f.number}: smallest key > largest key "
+                                          f"(level {level})")
+        if prev is not None:
+            if level == 0 and prev.epoch <= f.epoch:
+                raise Corruption(where, None,
+                                 f"level 0 tables {prev.number} and {f.number} out of epoch order")
+            if level > 0 and prev.largest >= f.smallest:
+                raise Corruption(where, None,
+                                 f"level {level} tables {prev.number} and {f.number} overlap")
+        prev = f
+
+
 def check_version(version: Version, where: str, next_epoch: int, next_file: int) -> None:
     """Raise Corruption unless the table set obeys the level invariants."""
     seen: set[int] = set()
     for level, files in enumerate(version.levels):
-        prev: FileMeta | None = None
+        check_level(files, level, where)
         for f in files:
             if f.number in seen:
                 raise Corruption(where, None, f"table {f.number} appears twice")
             seen.add(f.number)
             if f.number >= next_file:
                 raise Corruption(where, None, f"table {f.number} >= next file number {next_file}")
-            if f.smallest > f.largest:
-                raise Corruption(where, None, f"table {f.number}: smallest key > largest key")
             if f.epoch >= next_epoch:
                 raise Corruption(where, None, f"table {f.number}: epoch {f.epoch} >= next epoch")
-            if prev is not None:
-                if level == 0 and prev.epoch <= f.epoch:
-                    raise Corruption(where, None,
-                                     f"level 0 tables {prev.number} and {f.number} out of epoch order")
-                if level > 0 and prev.largest >= f.smallest:
-                    raise Corruption(where, None,
-                                     f"level {level} tables {prev.number} and {f.number} overlap")
-            prev = f
 
 
 class VersionSet:
@@ -189,6 +238,9 @@ class VersionSet:
         self.manifest_number = 0
         self._manifest: LogWriter | None = None
         self._counter_lock = threading.Lock()
+        # Called with the Corruption of an edit that failed its check, before it is
+        # raised; may run with any of the DB's locks held, so it must not take one.
+        self.on_invalid_edit: Callable[[Corruption], None] | None = None
 
     def new_file_number(self) -> int:
         with self._counter_lock:
@@ -259,8 +311,22 @@ class VersionSet:
         self.manifest_number = number
 
     def log_and_apply(self, edit: VersionEdit) -> Version:
-        """Apply ``edit`` to the current version, record it durably, make it current."""
+        """Apply ``edit`` to the current version, record it durably, make it current.
+
+        The levels the edit touches are checked first (``check_level``): an edit
+        that would break them is neither logged nor applied; ``on_invalid_edit``
+        hears of it (the DB stops writes) and Corruption is raised.
+        """
         version = apply_edit(self.current, edit)
+        where = f"{self.manifest_path()} (edit not applied)"
+        try:
+            for level in sorted({lv for lv, _ in edit.new_files}
+                                | {lv for lv, _ in edit.deleted_files}):
+                check_level(version.levels[level], level, where)
+        except Corruption as exc:
+            if self.on_invalid_edit is not None:
+                self.on_invalid_edit(exc)
+            raise
         if edit.next_file_number is None:
             edit.next_file_number = self.next_file_number
         if edit.next_epoch is None:

@@ -3,7 +3,9 @@ state kept outside the database, verified as they go; with --crash, the writer k
 with SIGKILL at random moments, again and again, and everything it acknowledged
 checked after each reopen.
 
-The key space has two regions. "s" keys take puts, deletes, range deletes and batches;
+The key space has two regions. "s" keys take puts, deletes, range deletes, batches
+and ingestions of external tables (puts, deletes and a range deletion over a run of
+keys, written with SstFileWriter and given to DB.ingest, copied or moved);
 "t" keys follow SingleDelete's contract (a put only while the key is absent, then a
 single delete), so the stress never breaks a contract the engine documents.
 
@@ -43,6 +45,7 @@ S_KEYS = 4000           # keys for puts, deletes, range deletes and batches
 T_KEYS = 1000           # keys for put-once-then-single-delete
 MAX_RANGE = 40          # keys a range delete spans at most
 MAX_BATCH = 8
+MAX_INGEST = 24         # keys an ingested table spans at most
 WINDOW = 16             # keys an iterator check spans
 KILL_WINDOW_S = (0.2, 2.0)
 READY_DEADLINE_S = 60
@@ -50,7 +53,7 @@ EXIT_DEADLINE_S = 20
 
 # how often each operation of Worker runs, relative to the others
 MIX = {"put": 35, "delete": 8, "delete_range": 5, "batch": 10, "single_delete_key": 8,
-       "get": 16, "snapshot_read": 9, "iterate": 9}
+       "ingest": 2, "get": 16, "snapshot_read": 9, "iterate": 9}
 OPERATIONS, WEIGHTS = list(MIX), list(MIX.values())
 
 # (index, gen): index < S_KEYS is an "s" key, above it a "t" key; gen None deletes
@@ -219,6 +222,47 @@ class Worker:
                     batch.put(key_bytes(i), value_for(i, g))
             self._write("batch", changes, lambda: self.db.write(batch, sync=self.sync))
 
+    def ingest(self) -> None:
+        """An external table over a run of keys, ingested like a batch: each key of the
+        run is put, deleted, or left out; with a range deletion over the whole run a
+        key left out is deleted too (the table's own puts share its sequence number,
+        so its range deletion does not hide them)."""
+        from engine import SstFileWriter
+
+        a = self.rng.randrange(S_KEYS)
+        b = min(S_KEYS, a + self.rng.randint(1, MAX_INGEST))
+        span = list(range(a, b))
+        ranged = self.rng.random() < 0.5
+        move = self.rng.random() < 0.5
+        with self.exp.holding(span):
+            changes: list[Change] = []
+            entries: list[tuple[int, int | None]] = []
+            for i in span:
+                roll = self.rng.random()
+                if roll < 0.6:
+                    entries.append((i, self.exp.new_gen()))
+                elif roll < 0.75:
+                    entries.append((i, None))
+                elif ranged:
+                    changes.append((i, None))
+            if not entries and not ranged:
+                entries.append((a, self.exp.new_gen()))
+            changes = sorted(changes + entries)
+            # Named after the operation number _write is about to give it.
+            path = Path(self.db.path).parent / f"ingest-{self.tid}-{self._op + 1}.sst"
+            with SstFileWriter(path) as writer:
+                if ranged:
+                    writer.delete_range(key_bytes(a), key_bytes(b))
+                for i, g in entries:
+                    if g is None:
+                        writer.delete(key_bytes(i))
+                    else:
+                        writer.put(key_bytes(i), value_for(i, g))
+            try:
+                self._write("ingest", changes, lambda: self.db.ingest([path], move=move))
+            finally:
+                path.unlink(missing_ok=True)
+
     def single_delete_key(self) -> None:
         """A "t" key: put it when absent, single-delete it when present."""
         i = S_KEYS + self.rng.randrange(T_KEYS)
@@ -349,8 +393,8 @@ def stress(args: argparse.Namespace, path: Path) -> int:
 
 def print_counts(counts: Counter[str]) -> None:
     print("operation        count")
-    for name in ("put", "delete", "delete_range", "batch", "put_once", "single_delete",
-                 "get", "snapshot_read", "iterate"):
+    for name in ("put", "delete", "delete_range", "batch", "ingest", "put_once",
+                 "single_delete", "get", "snapshot_read", "iterate"):
         print(f"{name:<15} {counts[name]:>6}")
 
 

@@ -24,7 +24,7 @@ def test_threads_run_every_operation_and_agree_with_the_expected_state(tmp_path:
     proc = run(["--duration", "4", "--threads", "3", "--seed", "11"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.MULTILINE))
-    for op in ("put", "delete", "delete_range", "batch", "put_once", "single_delete",
+    for op in ("put", "delete", "delete_range", "batch", "ingest", "put_once", "single_delete",
                "get", "snapshot_read", "iterate"):
         assert int(counts.get(op, 0)) > 0, (op, proc.stdout)
     assert "stress_engine: ok" in proc.stdout

@@ -15,7 +15,7 @@ import zlib
 from itertools import pairwise
 from pathlib import Path
 
-from engine import DB, Options, WriteBatch
+from engine import DB, Options, SstFileWriter, WriteBatch
 
 MAGIC = 0x7464656673737431
 
@@ -63,7 +63,8 @@ def read_batch(payload: bytes) -> list[tuple[int, int, bytes, bytes]]:
 
 def replay_manifest(path: Path) -> tuple[dict, list[list]]:
     """The fields of the last edits, and the live tables as
-    [level, number, size, smallest, largest, smallest_seq, largest_seq, epoch, entries]."""
+    [level, number, size, smallest, largest, smallest_seq, largest_seq, epoch, entries]
+    and, for an ingested table, its global sequence number tenth."""
     fields: dict = {}
     live: dict[int, list] = {}
     for payload in read_log(path):
@@ -153,10 +154,19 @@ def read_database(path: Path) -> dict[bytes, bytes]:
     # older version of the keys it covers
     versions: dict[bytes, list[tuple[int, int, bytes]]] = {}
     tombstones: list[tuple[bytes, bytes, int]] = []
-    for _level, number, size, smallest, largest, _sseq, largest_seq, epoch, count in tables:
+    for row in tables:
+        _level, number, size, smallest, largest, _sseq, largest_seq, epoch, count, *more = row
+        # an ingested table: every entry and tombstone, stored at sequence 0, has this one
+        global_seq = more[0] if more else None
         table = path / f"{number:06d}.sst"
         assert table.stat().st_size == size
         entries, rdels, props = read_table(table)
+        if global_seq is not None:
+            assert props["external"] is True
+            assert all(tag >> 8 == 0 for _, tag, _ in entries)
+            assert all(tag >> 8 == 0 for _, _, tag in rdels)
+            entries = [(key, global_seq << 8 | tag, value) for key, tag, value in entries]
+            rdels = [(start, end, global_seq << 8 | tag) for start, end, tag in rdels]
         assert len(entries) == count == props["num_entries"]
         assert epoch < fields["next_epoch"] and number < fields["next_file_number"]
         for key, tag, value in entries:
@@ -208,6 +218,14 @@ def test_a_database_read_with_only_the_format_page(tmp_path):
         snap.release()
         assert any(f.reader.range_tombstones for _, f in db._sv[2].files())
         db.wait_for_compactions()
+        # an external table over older data: it shadows it with its global sequence
+        with SstFileWriter(tmp_path / "ext.sst", options) as w:
+            w.delete_range(b"key01000", b"key01100")
+            w.put(b"key01001", b"ingested")
+            w.delete(b"key01200")
+            w.put(b"key01201", b"ingested too")
+        db.ingest([tmp_path / "ext.sst"])
+        assert any(f.global_seq is not None for _, f in db._sv[2].files())
         batch = WriteBatch()
         batch.put(b"key00001", b"in the log")
         batch.delete(b"key00002")

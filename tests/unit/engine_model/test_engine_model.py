@@ -3,7 +3,9 @@
 Every operation of the public API runs on the DB and on a plain dict (plus a frozen copy
 per live snapshot); every read compares the two. Range deletions cover the keys between
 two drawn bounds; single deletions are drawn only from keys the model knows were put
-exactly once since they were last deleted (the contract of ``single_delete``). The
+exactly once since they were last deleted (the contract of ``single_delete``); an
+ingested external table (puts, deletes, range deletions) is applied to the dict as
+the newest write, and snapshots taken before it must not see it. The
 options are tiny (2 KiB memtable and files, 8 KiB level base, multiplier 2) so that a few
 hundred writes already flush, compact L0 into L1 and push data down to L2 and beyond,
 with tombstones and snapshot-pinned versions crossing every level; half the examples
@@ -32,7 +34,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from engine import DB, Options, Snapshot, WriteBatch
+from engine import DB, Options, Snapshot, SstFileWriter, WriteBatch
 
 BULK_KEYS = 1000
 
@@ -60,7 +62,7 @@ values = st.one_of(
 # What the machine saw across all examples: levels that held files, compaction seen.
 COVERAGE: dict[str, set[int]] = {"levels": set()}
 # How many range deletions and single deletions the machine issued, over all examples.
-ISSUED: dict[str, int] = {"delete_range": 0, "single_delete": 0}
+ISSUED: dict[str, int] = {"delete_range": 0, "single_delete": 0, "ingest": 0}
 # Engine counters summed over every DB session of every example.
 COUNTERS = ("flushes", "compactions", "trivial_moves")
 TOTALS: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -258,6 +260,46 @@ class EngineModel(RuleBasedStateMachine):
                 self._model_put(key, value)
         self._note_levels()
 
+    @rule(
+        entries=st.dictionaries(keys, st.one_of(st.none(), values), max_size=12),
+        ranges=st.lists(st.tuples(keys, bounds), max_size=3),
+        move=st.booleans(),
+    )
+    def ingest(self, entries: dict[bytes, bytes | None],
+               ranges: list[tuple[bytes, bytes | None]], move: bool) -> None:
+        """An external table of sorted puts, deletes and range deletions, ingested as
+        the newest data. All its entries share one sequence number, so its range
+        deletions hide older data but not the file's own puts."""
+        spans = []
+        for begin, end in ranges:
+            if end is None:
+                end = b"\xff" * 3
+            begin, end = min(begin, end), max(begin, end)
+            if begin < end:
+                spans.append((begin, end))
+        if not entries and not spans:
+            return
+        ISSUED["ingest"] += 1
+        path = self.dir / f"external-{ISSUED['ingest']}.sst"
+        with SstFileWriter(path, self.options) as writer:
+            for begin, end in spans:
+                writer.delete_range(begin, end)
+            for key, value in sorted(entries.items()):
+                if value is None:
+                    writer.delete(key)
+                else:
+                    writer.put(key, value)
+        self.db.ingest([path], move=move)
+        path.unlink()  # the database has its own copy or link
+        for begin, end in spans:
+            self._model_delete_range(begin, end)
+        for key, value in entries.items():
+            if value is None:
+                self._model_delete(key)
+            else:
+                self._model_put(key, value)
+        self._note_levels()
+
     # ------------------------------------------------------------------- reads
 
     @rule(key=keys)
@@ -410,3 +452,4 @@ def test_engine_matches_dict_model() -> None:
     )
     assert TOTALS["flushes"] and TOTALS["compactions"] and TOTALS["trivial_moves"], TOTALS
     assert ISSUED["delete_range"] > 20 and ISSUED["single_delete"] > 20, ISSUED
+    assert ISSUED["ingest"] > 20, ISSUED
