@@ -68,8 +68,23 @@ def apply_batch(state: dict[bytes, bytes], batch_id: int) -> None:
             state[key] = value
 
 
+def write_batch(db, batch_id: int) -> bool:
+    """Write batch `batch_id` to `db` as one WriteBatch; whether it was synced."""
+    from engine import WriteBatch
+
+    sync, ops = batch_ops(batch_id)
+    batch = WriteBatch()
+    for key, value in ops:
+        if value is None:
+            batch.delete(key)
+        else:
+            batch.put(key, value)
+    db.write(batch, sync=sync)
+    return sync
+
+
 def main(argv: list[str]) -> int:
-    from engine import DB, Options, WriteBatch
+    from engine import DB, Options
 
     db_dir, ack_path, first, forked = argv[0], argv[1], int(argv[2]), argv[3] == "1"
     ack = os.open(ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -84,14 +99,7 @@ def main(argv: list[str]) -> int:
     chores = random.Random(first)
     batch_id = first
     while True:
-        sync, ops = batch_ops(batch_id)
-        batch = WriteBatch()
-        for key, value in ops:
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-        db.write(batch, sync=sync)
+        sync = write_batch(db, batch_id)
         os.write(ack, b"%d %d\n" % (batch_id, int(sync)))
         if sync:
             os.fsync(ack)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import DB, Options, WriteBatch
+from engine import DB, Options
 
 HERE = Path(__file__).parent
 
@@ -42,18 +42,6 @@ CUT_EVERY = 25          # batches between two power cuts
 OPTIONS = dict(driver.ENGINE_OPTIONS, background_processes=False)
 
 
-def write_batch(db: DB, batch_id: int) -> bool:
-    sync, ops = driver.batch_ops(batch_id)
-    batch = WriteBatch()
-    for key, value in ops:
-        if value is None:
-            batch.delete(key)
-        else:
-            batch.put(key, value)
-    db.write(batch, sync=sync)
-    return sync
-
-
 def run_and_cut(tmp_path: Path, seed: int) -> list[tuple[Path, int, int, str]]:
     """Write the batches, cutting the power every CUT_EVERY of them; each cut's
     directory, the number of batches acknowledged as synced before it, the number
@@ -66,7 +54,7 @@ def run_and_cut(tmp_path: Path, seed: int) -> list[tuple[Path, int, int, str]]:
         db = DB.open(fs.root, Options(**OPTIONS))
         try:
             for batch_id in range(BATCHES):
-                if write_batch(db, batch_id):
+                if driver.write_batch(db, batch_id):
                     synced_upto = batch_id + 1
                 roll = rng.random()
                 if roll < 0.01:
