@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import InvalidArgument
+from .table_format import COMPRESSIONS
 
 
 @dataclass
@@ -35,7 +36,9 @@ class Options:
     block_size: int = 4096
     block_cache_size: int = 32 << 20
     bloom_bits_per_key: int = 10
-    compression: str = "none"
+    # Data blocks are compressed with LZ4 unless that saves less than an eighth
+    # ("none" or "zlib" also accepted); RocksDB compresses by default too.
+    compression: str = "lz4"
     # Check the level invariants (ordering, overlaps, epochs) when opening.
     paranoid_checks: bool = True
     max_background_compactions: int = 1
@@ -43,8 +46,9 @@ class Options:
     background_processes: bool = True
 
     def validate(self) -> None:
-        if self.compression not in ("none", "zlib"):
-            raise InvalidArgument(f"compression must be 'none' or 'zlib', not {self.compression!r}")
+        if self.compression not in COMPRESSIONS:
+            raise InvalidArgument("compression must be one of " + ", ".join(COMPRESSIONS)
+                                  + f", not {self.compression!r}")
         if self.num_levels < 2:
             raise InvalidArgument("num_levels must be at least 2")
         for name in ("write_buffer_size", "block_size", "target_file_size_base",

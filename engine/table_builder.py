@@ -13,7 +13,6 @@ tombstone's exclusive end counts as ``largest_covered(end)``
 from __future__ import annotations
 
 import os
-import zlib
 from bisect import bisect_left
 from itertools import accumulate
 from operator import add
@@ -23,12 +22,12 @@ from .bloom import build_filter, key_hash
 from .range_tombstones import widen_to_cover
 from .table_format import (
     COMPRESSION_NONE,
-    COMPRESSION_ZLIB,
     COMPRESSIONS,
     FOOTER_SIZE,
     FORMAT_VERSION,
     HANDLE,
     TRAILER_SIZE,
+    compress,
     encode_footer,
     encode_properties,
     trailer,
@@ -42,7 +41,7 @@ class TableBuilder:
     # Pending bytes that trigger cutting complete blocks out of the lists.
     CUT_BYTES = 256 << 10
 
-    def __init__(self, path: str, block_size: int = 4096, compression: str = "none",
+    def __init__(self, path: str, block_size: int = 4096, compression: str = "lz4",
                  bloom_bits_per_key: int = 10) -> None:
         self.path = path
         self._file = open(path, "wb", buffering=1 << 20)  # noqa: SIM115
@@ -132,15 +131,15 @@ class TableBuilder:
         if seq > self.largest_seq:
             self.largest_seq = seq
 
-    def _write_block(self, contents: bytes, compress: bool) -> tuple[int, int]:
+    def _write_block(self, contents: bytes, compressible: bool) -> tuple[int, int]:
         """Append a block and its trailer; return its handle."""
         kind = COMPRESSION_NONE
-        if compress and self._compression == COMPRESSION_ZLIB:
-            packed = zlib.compress(contents, 1)
+        if compressible and self._compression != COMPRESSION_NONE:
+            packed = compress(contents, self._compression)
             # Only worth a decompression on every read when it saves an eighth.
             if len(packed) < len(contents) - len(contents) // 8:
                 contents = packed
-                kind = COMPRESSION_ZLIB
+                kind = self._compression
         self._file.write(contents + trailer(contents, kind))
         handle = (self._offset, len(contents))
         self._offset += len(contents) + TRAILER_SIZE

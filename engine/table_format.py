@@ -24,6 +24,8 @@ import struct
 import zlib
 from zlib import crc32
 
+import lz4.block
+
 from .errors import Corruption
 
 MAGIC = 0x7464656673737431  # "tdefsst1"
@@ -39,7 +41,16 @@ _KIND_BYTES = [bytes((i,)) for i in range(256)]
 
 COMPRESSION_NONE = 0
 COMPRESSION_ZLIB = 1
-COMPRESSIONS = {"none": COMPRESSION_NONE, "zlib": COMPRESSION_ZLIB}
+# LZ4's block format, the uncompressed size first as a u32 (lz4.block's store_size).
+COMPRESSION_LZ4 = 2
+COMPRESSIONS = {"none": COMPRESSION_NONE, "zlib": COMPRESSION_ZLIB, "lz4": COMPRESSION_LZ4}
+
+
+def compress(contents: bytes, kind: int) -> bytes:
+    """``contents`` compressed as ``kind`` (not COMPRESSION_NONE)."""
+    if kind == COMPRESSION_LZ4:
+        return lz4.block.compress(contents, store_size=True)
+    return zlib.compress(contents, 1)
 
 
 def block_crc(stored: bytes | memoryview, compression: int) -> int:
@@ -66,6 +77,11 @@ def read_block(mm: mmap.mmap, file_size: int, off: int, size: int,
             raise Corruption(path, off, "block checksum mismatch")
         if kind == COMPRESSION_NONE:
             return mm, off
+        if kind == COMPRESSION_LZ4:
+            try:
+                return lz4.block.decompress(stored), 0
+            except (lz4.block.LZ4BlockError, ValueError):
+                raise Corruption(path, off, "block does not decompress") from None
         if kind == COMPRESSION_ZLIB:
             try:
                 return zlib.decompress(stored), 0

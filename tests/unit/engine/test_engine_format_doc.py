@@ -15,6 +15,9 @@ import zlib
 from itertools import pairwise
 from pathlib import Path
 
+import lz4.block
+import pytest
+
 from engine import DB, Options, SstFileWriter, WriteBatch
 
 MAGIC = 0x7464656673737431
@@ -80,12 +83,22 @@ def replay_manifest(path: Path) -> tuple[dict, list[list]]:
 # -- the sorted table
 
 
+# The compression bytes block_at has met, so a test can show its kind was read.
+KINDS_SEEN: set[int] = set()
+
+
 def block_at(data: bytes, handle: tuple[int, int]) -> bytes:
     offset, size = handle
     stored, compression = data[offset:offset + size], data[offset + size]
     (crc,) = struct.unpack_from("<I", data, offset + size + 1)
     assert zlib.crc32(stored + bytes([compression])) == crc
-    assert compression in (0, 1)
+    assert compression in (0, 1, 2)
+    KINDS_SEEN.add(compression)
+    if compression == 2:  # the uncompressed size as u32, then one LZ4 block
+        (length,) = struct.unpack_from("<I", stored)
+        contents = lz4.block.decompress(stored[4:], uncompressed_size=length)
+        assert len(contents) == length
+        return contents
     return zlib.decompress(stored) if compression == 1 else stored
 
 
@@ -198,9 +211,10 @@ def read_database(path: Path) -> dict[bytes, bytes]:
     return state
 
 
-def test_a_database_read_with_only_the_format_page(tmp_path):
+@pytest.mark.parametrize("compression", ["zlib", "lz4"])
+def test_a_database_read_with_only_the_format_page(tmp_path, compression):
     options = Options(write_buffer_size=32 << 10, target_file_size_base=16 << 10,
-                      level0_file_num_compaction_trigger=2, compression="zlib",
+                      level0_file_num_compaction_trigger=2, compression=compression,
                       background_processes=False)
     path = tmp_path / "db"
     with DB.open(path, options) as db:
@@ -237,4 +251,6 @@ def test_a_database_read_with_only_the_format_page(tmp_path):
         assert sum(db.level_file_counts().values()) >= 2
         # read while the database is open: its log is live, not yet in a table
         assert read_database(path) == expected
+    KINDS_SEEN.clear()
     assert read_database(path) == expected
+    assert {"zlib": 1, "lz4": 2}[compression] in KINDS_SEEN

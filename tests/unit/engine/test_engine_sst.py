@@ -30,7 +30,7 @@ def sample_entries(n=2000):
     return entries
 
 
-@pytest.mark.parametrize("compression", ["none", "zlib"])
+@pytest.mark.parametrize("compression", ["none", "zlib", "lz4"])
 def test_point_reads_with_versions_and_snapshots(tmp_path, compression):
     path = tmp_path / "000005.sst"
     entries = sample_entries()

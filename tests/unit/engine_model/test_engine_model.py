@@ -131,7 +131,7 @@ class EngineModel(RuleBasedStateMachine):
         self.db: DB | None = None
         self.options: Options | None = None
 
-    @initialize(compression=st.sampled_from(["none", "zlib"]), forked=st.booleans())
+    @initialize(compression=st.sampled_from(["none", "zlib", "lz4"]), forked=st.booleans())
     def open_db(self, compression: str, forked: bool) -> None:
         # forked: flushes and compactions build their tables in child processes.
         self.options = make_options(compression, forked)
@@ -401,7 +401,7 @@ class EngineModel(RuleBasedStateMachine):
         self._note_levels()
 
     @rule(
-        compression=st.sampled_from(["none", "zlib"]),
+        compression=st.sampled_from(["none", "zlib", "lz4"]),
         block_size=st.sampled_from([256, 1024]),
         bloom_bits=st.sampled_from([10, 0]),
     )
