@@ -19,6 +19,7 @@ list only together with the version holding its table. Test-only sync points
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 
 # Compaction children run below flushes and the foreground on a shared machine.
 COMPACTION_NICENESS = 10
+
+# sys.getrefcount of a flushed memtable held only by the flush loop's variable: that
+# variable and getrefcount's own argument. Then no reader can reach it any more.
+_ONLY_THE_FLUSH_LOOP = 2
 
 
 class BackgroundWork:
@@ -92,6 +97,14 @@ class BackgroundWork:
                 self.flush_memtable(imm)
             except BaseException as exc:  # noqa: BLE001 - reported to writers
                 db._set_bg_error(exc)
+            else:
+                # Freed here a slice at a time, not in one step wherever the last
+                # reference happens to go (a foreground write would wait that out).
+                unreachable = sys.getrefcount(imm) == _ONLY_THE_FLUSH_LOOP
+                if unreachable:
+                    imm.dismantle()
+                sync_point("flush:retired", unreachable)
+            del imm
 
     def flush_memtable(self, imm: MemTable) -> None:
         """Write the oldest immutable memtable ``imm`` to a level-0 table and install it."""

@@ -20,7 +20,8 @@ from engine.wal import LogWriter, read_records
 
 def one_table_db(path, keys, range_dels=()) -> int:
     """A database whose only table holds ``keys``; returns the table's number."""
-    with DB.open(path, small_options(level0_file_num_compaction_trigger=100)) as db:
+    with DB.open(path, small_options(level0_file_num_compaction_trigger=100,
+                                     write_buffer_size=1 << 20)) as db:
         for key in keys:
             db.put(key, b"value-" + key)
         for begin, end in range_dels:
@@ -102,7 +103,8 @@ def test_check_finds_a_tombstone_outside_the_table_bounds(tmp_path, capsys):
 
 def test_check_finds_overlapping_levels(tmp_path, capsys):
     path = tmp_path / "db"
-    with DB.open(path, small_options(level0_file_num_compaction_trigger=100)) as db:
+    with DB.open(path, small_options(level0_file_num_compaction_trigger=100,
+                                     write_buffer_size=1 << 20)) as db:
         for i in range(20):
             db.put(b"k%02d" % i, b"v")
         db.flush()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import queue
+import tracemalloc
 
+from engine import DB, Options
 from engine.block_cache import BlockCache
 from engine.bloom import BloomFilter, build_filter, key_hash
 from engine.memtable import MemTable
+from engine.sync_points import SyncPoints
 
 
 def test_memtable_replaces_versions_no_snapshot_needs():
@@ -27,6 +31,51 @@ def test_memtable_keeps_versions_a_snapshot_sees():
     assert m.get(b"k", 1) == (True, b"a")
     assert m.get(b"k", 2) == (True, b"a")
     assert list(m.entries()) == [(b"k", 3, None), (b"k", 1, b"a")]
+
+
+def test_write_buffer_size_bounds_the_memtables_real_memory(tmp_path):
+    """The size a memtable is charged is what its entries occupy, within a quarter,
+    so write_buffer_size bounds memory as RocksDB's does (before the charge was a
+    third of the real cost)."""
+    with DB.open(tmp_path / "db", Options(background_processes=False)) as db:
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(100_000):  # new key and value objects, as a caller's are
+                db.put(b"%016d" % (i * 7919 % 100_003), os.urandom(50) + bytes(50))
+            used = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        charged = db._mem.size
+    assert 0.75 * used <= charged <= 1.25 * used, (used, charged)
+
+
+def test_dismantle_empties_every_part():
+    m = MemTable(1)
+    for i in range(10_000):
+        m.add(i + 1, b"%05d" % (i % 6000), b"v", i)  # the rewrites keep older versions
+    assert m.sorted_keys() and m.older
+    m.dismantle()
+    assert not m.values and not m.older and not m.sorted_keys()
+    assert all(type(k) is int for k in m.seqs)  # only the padding is left
+
+
+def test_a_flushed_memtable_is_freed_in_slices_unless_a_reader_holds_it(tmp_path):
+    retired: queue.Queue[bool] = queue.Queue()
+    with SyncPoints() as sp, DB.open(tmp_path / "db", Options(background_processes=False)) as db:
+        sp.callback("flush:retired", retired.put)
+        for i in range(3000):
+            db.put(b"a%05d" % i, b"%d" % i)
+        db.flush()
+        assert retired.get(timeout=60) is True  # nothing else held it
+        for i in range(3000):
+            db.put(b"b%05d" % i, b"%d" % i)
+        expected = list(db.iterator())
+        it = iter(db.iterator())  # a reader in the memtable while it is flushed
+        first = next(it)
+        db.flush()
+        assert retired.get(timeout=60) is False
+        assert [first, *it] == expected  # emptying it under the reader would lose keys
 
 
 def test_memtable_scan_and_sorted_cache():
