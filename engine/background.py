@@ -98,11 +98,12 @@ class BackgroundWork:
             except BaseException as exc:  # noqa: BLE001 - reported to writers
                 db._set_bg_error(exc)
             else:
-                # Freed here a slice at a time, not in one step wherever the last
-                # reference happens to go (a foreground write would wait that out).
+                # Freed a shard at a time, here, before the next flush forks (pages
+                # a live child shares would be copied on write), not in one step
+                # wherever the last reference goes (a write would wait that out).
                 unreachable = sys.getrefcount(imm) == _ONLY_THE_FLUSH_LOOP
                 if unreachable:
-                    imm.dismantle()
+                    imm.release()
                 sync_point("flush:retired", unreachable)
             del imm
 

@@ -196,8 +196,9 @@ def flush_job(mem: MemTable, path: str, block_size: int, compression: str,
                     tags.append(seq << 8 | KIND_PUT)
                     values.append(value)
         else:
-            seqs = list(map(mem.seqs.__getitem__, keys))
-            values = list(map(mem.values.__getitem__, keys))
+            seq_of, value_of = mem.merged()
+            seqs = list(map(seq_of.__getitem__, keys))
+            values = list(map(value_of.__getitem__, keys))
             if None in values:
                 tags = [seq << 8 | (KIND_DELETE if value is None else KIND_PUT)
                         for seq, value in zip(seqs, values, strict=True)]

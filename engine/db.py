@@ -44,7 +44,7 @@ from .errors import BackgroundError, Corruption, DBClosed, EngineError, InvalidA
 from .filename import LOCK, log_name, obsolete_files, remove_files, sync_dir, table_name
 from .ingest import ingest_files
 from .iterator import releasing, scan
-from .memtable import ABSENT, ENTRY_OVERHEAD, MemTable
+from .memtable import ABSENT, ENTRY_OVERHEAD, SHARD_MASK, MemTable
 from .options import Options
 from .range_tombstones import largest_covered
 from .recovery import check_directory, recover
@@ -321,10 +321,12 @@ class DB:
             seq = self._seq + 1
             self._wal_write(put_record(seq, key, value))
             mem = self._mem
+            shard = hash(key) & SHARD_MASK
+            values = mem.shard_values[shard]
             # Over a deletion, MemTable.add decides what to keep.
-            if self._snapshots.newest < 0 and mem.values.get(key, key) is not None:
-                mem.seqs[key] = seq
-                mem.values[key] = value
+            if self._snapshots.newest < 0 and values.get(key, key) is not None:
+                mem.shard_seqs[shard][key] = seq
+                values[key] = value
                 mem.size += len(key) + len(value) + ENTRY_OVERHEAD
             else:
                 mem.add(seq, key, value, self._snapshots.newest)
@@ -382,25 +384,27 @@ class DB:
         size = 0
         newest_snapshot = self._snapshots.newest
         if plain and newest_snapshot < 0:
-            # One dict.update is atomic for readers that take no lock. A put over a
-            # deletion (in the memtable or earlier in the batch) is MemTable.add's to
-            # apply, so then the batch takes the general form below.
-            values: dict[bytes, bytes | None] = {}
-            seqs = {}
-            seq = first
-            mem_values = mem.values
+            # A put over a deletion (in the memtable or earlier in the batch) is
+            # MemTable.add's to apply, so then the batch takes the general form
+            # below. Snapshots and iterators, taken under _lock, see the batch
+            # whole; a lone get sees each key before or after it.
+            shard_values, shard_seqs = mem.shard_values, mem.shard_seqs
+            staged: dict[bytes, bytes | None] = {}
             for key, value in ops:
-                if value is not None and (values.get(key, key) is None
-                                          or mem_values.get(key, key) is None):
+                if value is not None and (
+                        staged.get(key, key) is None
+                        or shard_values[hash(key) & SHARD_MASK].get(key, key) is None):
                     plain = False
                     break
-                values[key] = value  # type: ignore[assignment]
-                seqs[key] = seq
+                staged[key] = value  # type: ignore[assignment]
                 size += len(key) + (len(value) if value is not None else 0) + ENTRY_OVERHEAD
-                seq += 1
             else:
-                mem.seqs.update(seqs)
-                mem_values.update(values)
+                seq = first
+                for key, value in ops:
+                    shard = hash(key) & SHARD_MASK
+                    shard_seqs[shard][key] = seq
+                    shard_values[shard][key] = value  # type: ignore[assignment]
+                    seq += 1
                 mem.size += size
         if not plain or newest_snapshot >= 0:
             insert_into(mem, first, ops, newest_snapshot)
@@ -486,14 +490,15 @@ class DB:
                     key, None if snapshot is None else snapshot.seq, mem, imms, version)
             if snapshot is None:
                 snap = None
-                value = mem.values.get(key, ABSENT)
+                shard = hash(key) & SHARD_MASK
+                value = mem.shard_values[shard].get(key, ABSENT)
                 if value is not ABSENT:
                     return value  # type: ignore[return-value]
                 # Tested first: most reads meet no immutable memtable, and an empty loop
                 # still makes an iterator.
                 if imms:
                     for imm in imms:
-                        value = imm.values.get(key, ABSENT)
+                        value = imm.shard_values[shard].get(key, ABSENT)
                         if value is not ABSENT:
                             return value  # type: ignore[return-value]
             else:

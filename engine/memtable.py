@@ -1,15 +1,20 @@
 """The in-memory write buffer.
 
-Three dicts keyed by user key: ``values`` holds the newest value (None is a
-deletion), ``seqs`` its sequence number, and ``older`` the versions a live snapshot
-may still read (newest first), for the few keys that have them. Keeping bytes and
-ints in plain dicts, with no per-write tuple, keeps the garbage collector out of
-the write path. Invariant: every version a live snapshot can see is kept; any
+Dicts keyed by user key: ``values`` holds the newest value (None is a deletion),
+``seqs`` its sequence number, and ``older`` the versions a live snapshot may still
+read (newest first), for the few keys that have them. ``values`` and ``seqs`` are
+each split into ``SHARDS`` dicts by the key's hash (``shard_values[hash(key) &
+SHARD_MASK]``), so no single step handles more than a sixteenth of the entries:
+growing a dict copies its whole table, and freeing a flushed memtable frees every
+entry, each in one step that holds the interpreter (whole, about 10 ms per 100,000
+entries, which a foreground write would wait out). Keeping bytes and ints in plain
+dicts, with no per-write tuple, keeps the garbage collector out of the write path. Invariant: every version a live snapshot can see is kept; any
 other older version is replaced in place. Sorted order is built lazily and cached
 until a new key arrives (keys are never removed, so the cache is valid while the
 size is equal).
 
-Writers update ``older``, then ``seqs``, then ``values``; a reader at a snapshot
+Writers update ``older``, then ``seqs``, then ``values`` (the key's shard of
+each); a reader at a snapshot
 reads ``seqs`` before and after ``values`` and retries if they differ, so it never
 pairs a value with another version's sequence number.
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
+from itertools import chain
 
 from .range_tombstones import FragmentedTombstones, Tombstone, fragment
 
@@ -38,29 +44,29 @@ ENTRY_OVERHEAD = 200
 
 ABSENT = object()
 
+# How many dicts ``values`` and ``seqs`` are each split into (a power of two).
+SHARDS = 16
+SHARD_MASK = SHARDS - 1
+
 # New range tombstones merged one by one into the cached fragments; beyond this many,
 # fragmenting the whole list again is cheaper.
 _MERGE_AT_MOST = 16
 
-# ``seqs`` starts with this many placeholder entries (int keys, which never equal a
-# bytes key). A dict copies its whole table when it grows, and ``values`` and
-# ``seqs`` grow in step, so without the offset one write paid both copies at once
-# (about 30 ms at 350k keys, 60 ms at 700k). With it their growth points lie
-# tens of thousands of writes apart.
-_SEQS_PADDING = dict.fromkeys(range(40_000), 0)
-
-# Entries ``dismantle`` frees between two chances for other threads to run (about
-# a quarter of a millisecond of work).
-_DISMANTLE_SLICE = 4096
+# Keys of the sorted cache ``release`` frees in one step.
+_RELEASE_SLICE = 16384
+# The pause between two steps of ``release``: a real sleep, so a waiting thread takes
+# the interpreter (after sleep(0), or at the switch interval, the releasing thread
+# often takes it straight back).
+_RELEASE_PAUSE = 0.0005
 
 
 class MemTable:
-    __slots__ = ("values", "seqs", "older", "size", "log_number", "_sorted",
+    __slots__ = ("shard_values", "shard_seqs", "older", "size", "log_number", "_sorted",
                  "range_dels", "single_deletes", "_fragments")
 
     def __init__(self, log_number: int) -> None:
-        self.values: dict[bytes, bytes | None] = {}
-        self.seqs: dict[bytes, int] = _SEQS_PADDING.copy()  # type: ignore[assignment]
+        self.shard_values: list[dict[bytes, bytes | None]] = [{} for _ in range(SHARDS)]
+        self.shard_seqs: list[dict[bytes, int]] = [{} for _ in range(SHARDS)]
         self.older: dict[bytes, list[tuple[int, bytes | None]]] = {}
         self.size = 0
         self.log_number = log_number
@@ -72,7 +78,10 @@ class MemTable:
 
     def __len__(self) -> int:
         """Point keys plus range tombstones: zero only for a memtable with nothing to flush."""
-        return len(self.values) + len(self.range_dels)
+        return self.key_count() + len(self.range_dels)
+
+    def key_count(self) -> int:
+        return sum(map(len, self.shard_values))
 
     def add_range_tombstone(self, start: bytes, end: bytes, seq: int) -> None:
         """Delete ``[start, end)`` below ``seq``, at a cost independent of the keys there."""
@@ -83,24 +92,21 @@ class MemTable:
         self.single_deletes.add(seq)
         self.add(seq, key, None, snap_max)
 
-    def dismantle(self) -> None:
-        """Free the entries a slice at a time, yielding the interpreter between slices.
-
-        Dropping a flushed memtable whole frees every entry in one step that holds
-        the interpreter (about 10 ms per 100,000 entries), which a foreground write
-        would wait out. Only for a memtable no other thread can still reach: its
-        caller checks that before.
-        """
+    def release(self) -> None:
+        """Free the entries a shard at a time, pausing between shards so a waiting
+        thread takes the interpreter, instead of all in one step wherever the last
+        reference goes (a foreground write would wait that out). Only for a memtable
+        no other thread can still reach (its caller checks); it is empty and unusable
+        afterwards."""
         keys = self._sorted
         while keys:
-            del keys[-_DISMANTLE_SLICE:]
-            time.sleep(0)
-        for entries in (self.older, self.seqs, self.values):
-            popitem = entries.popitem
-            while entries:
-                for _ in range(min(len(entries), _DISMANTLE_SLICE)):
-                    popitem()
-                time.sleep(0)
+            del keys[-_RELEASE_SLICE:]
+            time.sleep(_RELEASE_PAUSE)
+        for shards in (self.shard_values, self.shard_seqs):
+            while shards:
+                shards.pop()
+                time.sleep(_RELEASE_PAUSE)
+        self.older.clear()
 
     def tombstones(self) -> FragmentedTombstones:
         """The range tombstones, fragmented; brought up to date only after one was
@@ -122,27 +128,29 @@ class MemTable:
     def add(self, seq: int, key: bytes, value: bytes | None, snap_max: int) -> None:
         """Insert a version; keep the replaced one if a snapshot at ``snap_max`` sees it."""
         self.size += len(key) + (len(value) if value is not None else 0) + ENTRY_OVERHEAD
-        old_seq = self.seqs.get(key)
+        shard = hash(key) & SHARD_MASK
+        seqs, values = self.shard_seqs[shard], self.shard_values[shard]
+        old_seq = seqs.get(key)
         if old_seq is not None:
             if snap_max >= old_seq:
                 kept = self.older.get(key)
                 if kept is None:
-                    self.older[key] = [(old_seq, self.values[key])]
+                    self.older[key] = [(old_seq, values[key])]
                 else:
-                    kept.insert(0, (old_seq, self.values[key]))
-            elif value is not None and self.values[key] is None:
+                    kept.insert(0, (old_seq, values[key]))
+            elif value is not None and values[key] is None:
                 # A put over a deletion keeps the deletion (and only what snapshots
                 # need below it): a single deletion of this put vanishes with it in
                 # compaction, and the deletion must then still hide older puts.
                 self.older[key] = [(old_seq, None)] + [
                     v for v in self.older.get(key, ()) if v[0] <= snap_max]
-        self.seqs[key] = seq
-        self.values[key] = value
+        seqs[key] = seq
+        values[key] = value
 
     def get(self, key: bytes, snap: int | None = None) -> tuple[bool, bytes | None]:
         """Return ``(found, value)`` at ``snap``; found with value None means deleted."""
         if snap is None:
-            value = self.values.get(key, ABSENT)
+            value = self.shard_values[hash(key) & SHARD_MASK].get(key, ABSENT)
             if value is ABSENT:
                 return False, None
             return True, value  # type: ignore[return-value]
@@ -154,12 +162,13 @@ class MemTable:
     def version(self, key: bytes, snap: int | None) -> tuple[int, bytes | None] | None:
         """``(seq, value)`` of the newest version of ``key`` visible at ``snap`` (None:
         the newest), or None if there is none."""
-        seqs = self.seqs
+        shard = hash(key) & SHARD_MASK
+        seqs, values = self.shard_seqs[shard], self.shard_values[shard]
         while True:
             seq = seqs.get(key)
             if seq is None:
                 return None
-            value = self.values.get(key)
+            value = values.get(key)
             if seqs.get(key) == seq:
                 break
         if snap is None or seq <= snap:
@@ -171,13 +180,24 @@ class MemTable:
 
     def sorted_keys(self) -> list[bytes]:
         s = self._sorted
-        if len(s) != len(self.values):
-            s = self._sorted = sorted(self.values)
+        if len(s) != self.key_count():
+            s = self._sorted = sorted(chain.from_iterable(self.shard_values))
         return s
+
+    def merged(self) -> tuple[dict[bytes, int], dict[bytes, bytes | None]]:
+        """``seqs`` and ``values`` each as one dict (for a flush, which looks up every key)."""
+        seqs: dict[bytes, int] = {}
+        values: dict[bytes, bytes | None] = {}
+        for shard in self.shard_seqs:
+            seqs.update(shard)
+        for shard in self.shard_values:
+            values.update(shard)
+        return seqs, values
 
     def entries(self) -> Iterator[tuple[bytes, int, bytes | None]]:
         """All versions as ``(key, seq, value)`` in key order, newest version first."""
-        values, seqs, older = self.values, self.seqs, self.older
+        seqs, values = self.merged()
+        older = self.older
         for key in self.sorted_keys():
             yield key, seqs[key], values[key]
             for seq, value in older.get(key, ()):

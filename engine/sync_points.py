@@ -21,7 +21,7 @@ reaches ``name``. Points (the engine's code names them where they are):
                             (detail: its FileMeta)
     flush:before_install    just before the flush's edit is logged (holds _vlock)
     flush:finished          installed, and files nothing names deleted
-    flush:retired           the flushed memtable was freed in slices (detail: True)
+    flush:retired           the flushed memtable was freed by shards (detail: True)
                             or left to whoever still reads it (False)
     compaction:picked       a compaction has claimed its inputs (detail: the Compaction)
     compaction:before_install  outputs are written, the edit not yet logged

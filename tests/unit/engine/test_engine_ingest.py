@@ -458,7 +458,7 @@ def test_the_newest_value_always_wins_across_ingestions_single_delete_and_compac
         db.single_delete(b"s")
         db.wait_for_compactions()  # old k and both ingested files: one output, level 1
         (out,) = db._sv[2].levels[1]
-        assert out.largest_seq > db._sv[0].seqs[b"k"]
+        assert out.largest_seq > db._sv[0].version(b"k", None)[0]
         assert db.get(b"k") == b"v2"
         db.flush()
         want = [(b"a", b"x"), (b"b", b"i1"), (b"c", b"i2"), (b"k", b"v2"), (b"z", b"x")]

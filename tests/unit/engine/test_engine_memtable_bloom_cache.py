@@ -17,7 +17,7 @@ def test_memtable_replaces_versions_no_snapshot_needs():
     m = MemTable(1)
     m.add(1, b"k", b"a", -1)
     m.add(2, b"k", b"b", -1)
-    assert m.values == {b"k": b"b"} and m.seqs[b"k"] == 2 and not m.older
+    assert m.key_count() == 1 and m.version(b"k", None) == (2, b"b") and not m.older
     assert m.get(b"k") == (True, b"b")
     assert m.get(b"k", 1) == (False, None)
 
@@ -50,17 +50,17 @@ def test_write_buffer_size_bounds_the_memtables_real_memory(tmp_path):
     assert 0.75 * used <= charged <= 1.25 * used, (used, charged)
 
 
-def test_dismantle_empties_every_part():
+def test_entries_spread_over_the_shards_and_release_frees_every_part():
     m = MemTable(1)
     for i in range(10_000):
         m.add(i + 1, b"%05d" % (i % 6000), b"v", i)  # the rewrites keep older versions
-    assert m.sorted_keys() and m.older
-    m.dismantle()
-    assert not m.values and not m.older and not m.sorted_keys()
-    assert all(type(k) is int for k in m.seqs)  # only the padding is left
+    assert m.key_count() == 6000 and m.sorted_keys() and m.older
+    assert max(map(len, m.shard_values)) < 6000 / 8  # no shard holds much more than its part
+    m.release()
+    assert not m.shard_values and not m.shard_seqs and not m.older and not m._sorted
 
 
-def test_a_flushed_memtable_is_freed_in_slices_unless_a_reader_holds_it(tmp_path):
+def test_a_flushed_memtable_is_freed_by_shards_unless_a_reader_holds_it(tmp_path):
     retired: queue.Queue[bool] = queue.Queue()
     with SyncPoints() as sp, DB.open(tmp_path / "db", Options(background_processes=False)) as db:
         sp.callback("flush:retired", retired.put)
