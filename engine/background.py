@@ -1,7 +1,7 @@
 """The background threads: one flushes immutable memtables into level-0 tables, the
 others run compactions; and the manual forms of both (``DB.compact_range``).
 
-Tables are built by the job functions of engine/compaction.py, in forked children
+Tables are built by the job functions of engine/compaction.py, in child processes
 (engine/forked_job.py); the threads here choose the work, hand out file numbers and
 install each result as one MANIFEST edit through ``DB._install``. They work on the
 DB's state under the DB's locks (engine/db.py describes both).
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
 # Compaction children run below flushes and the foreground on a shared machine.
 COMPACTION_NICENESS = 10
+
+# Compactions reading at least this many bytes run in a fresh interpreter, not a
+# fork of this process (engine/forked_job.py says why); its start, about 0.1 s, is
+# small beside theirs.
+FRESH_INTERPRETER_BYTES = 8 << 20
 
 # sys.getrefcount of a flushed memtable held only by the flush loop's variable: that
 # variable and getrefcount's own argument. Then no reader can reach it any more.
@@ -223,7 +228,8 @@ class BackgroundWork:
                               opts.compression, opts.bloom_bits_per_key,
                               {path: f.global_seq for f in c.all_inputs
                                if f.global_seq is not None for path in paths([f])},
-                              isolated=opts.background_processes, niceness=COMPACTION_NICENESS)
+                              isolated=opts.background_processes, niceness=COMPACTION_NICENESS,
+                              fresh=sum(f.size for f in c.all_inputs) >= FRESH_INTERPRETER_BYTES)
         except OSError as exc:
             raise BackgroundError(f"compaction failed: {exc}") from None
         new_files = []

@@ -1,12 +1,22 @@
-"""Running a table-building job (flush or compaction) in a forked child, outside the
-foreground interpreter; engine/background.py's threads decide what runs.
+"""Running a table-building job (flush or compaction) in a child process, outside
+the foreground interpreter; engine/background.py's threads decide what runs.
 
 ``run_job(fn, *args, isolated=True)`` forks a child that calls ``fn(*args)``, sends
 the picklable result back over a pipe and exits; the parent thread waits without
 holding the GIL, so foreground reads and writes keep the interpreter. The child
 inherits the parent's memory (an immutable memtable needs no copying) and touches
-only objects the job owns. Invariant: the caller gets either the job's result or the
-job's error re-raised (``Corruption`` keeps its file and offset).
+only objects the job owns.
+
+With ``fresh=True`` the child is a new interpreter instead (``python -m
+engine.fresh_child``), started without copying the parent, which sends it ``fn``
+and ``args`` pickled: for a long job whose arguments are plain data (a large
+compaction). A fork shares every page of the parent until one side writes it, so
+while a forked child runs for seconds, each page the parent writes (freeing a
+flushed memtable touches nearly all of its pages) costs a copy, and the fork itself
+copies the page tables of a large process.
+
+Invariant: the caller gets either the job's result or the job's error re-raised
+(``Corruption`` keeps its file and offset); a child dies with its parent.
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ import ctypes
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +51,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child_main(fn: Callable[..., Any], args: tuple, wfd: int, niceness: int,
+def child_main(fn: Callable[..., Any], args: tuple, wfd: int, niceness: int,
                 parent: int) -> None:
     status = 0
     try:
@@ -66,14 +78,18 @@ def _child_main(fn: Callable[..., Any], args: tuple, wfd: int, niceness: int,
         os._exit(status)
 
 
-def run_job(fn: Callable[..., Any], *args: Any, isolated: bool = True, niceness: int = 0) -> Any:
-    """Return ``fn(*args)``, computed in a forked child when ``isolated``.
+def run_job(fn: Callable[..., Any], *args: Any, isolated: bool = True, niceness: int = 0,
+            fresh: bool = False) -> Any:
+    """Return ``fn(*args)``, computed in a forked child when ``isolated`` (in a fresh
+    interpreter when ``fresh`` too).
 
     ``niceness`` lowers the child's CPU priority, so work that can wait (compaction)
     yields to work writers wait for (flush) and to the foreground.
     """
     if not isolated:
         return fn(*args)
+    if fresh:
+        return _run_fresh(fn, args, niceness)
     rfd, wfd = os.pipe()
     parent = os.getpid()
     try:
@@ -85,7 +101,7 @@ def run_job(fn: Callable[..., Any], *args: Any, isolated: bool = True, niceness:
         return fn(*args)
     if pid == 0:
         os.close(rfd)
-        _child_main(fn, args, wfd, niceness, parent)
+        child_main(fn, args, wfd, niceness, parent)
     os.close(wfd)
     chunks = []
     try:
@@ -97,11 +113,31 @@ def run_job(fn: Callable[..., Any], *args: Any, isolated: bool = True, niceness:
     finally:
         os.close(rfd)
         _, status = os.waitpid(pid, 0)
-    if not chunks:
-        raise BackgroundError(f"background job died (wait status {status})")
-    result = pickle.loads(b"".join(chunks))
+    return _outcome(b"".join(chunks), f"wait status {status}")
+
+
+def _run_fresh(fn: Callable[..., Any], args: tuple, niceness: int) -> Any:
+    # The child finds the engine, and ``fn``'s module, where this process did.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
+    job = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.fresh_child", str(os.getpid()), str(niceness)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    except OSError:
+        return fn(*args)  # no process slot or no memory for a child: work here
+    out, _ = proc.communicate(job)
+    return _outcome(out, f"exit status {proc.returncode}")
+
+
+def _outcome(data: bytes, how_it_ended: str) -> Any:
+    """The result a child sent, or its error raised here."""
+    if not data:
+        raise BackgroundError(f"background job died ({how_it_ended})")
+    result = pickle.loads(data)
     if result[0] == "ok":
         return result[1]
     if result[0] == "corruption":
         raise Corruption(result[1], result[2], result[3])
     raise BackgroundError(f"background job failed: {result[1]}")
+

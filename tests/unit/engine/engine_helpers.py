@@ -23,3 +23,21 @@ def run_lsmdb(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def child_facts() -> tuple[int, bool]:
+    """A job for engine/forked_job.py's children: the child's parent pid, and whether
+    the child carries this test run's modules (a fork does, a fresh interpreter not)."""
+    import os
+    import sys
+    return os.getppid(), "pytest" in sys.modules
+
+
+def report_pid_then_wait(path: str) -> None:
+    """A job that writes its pid to ``path`` and then waits to be killed."""
+    import os
+    import time
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
+    time.sleep(600)

@@ -1,0 +1,15 @@
+"""The entry of a job's fresh interpreter (engine/forked_job.py, ``fresh=True``):
+``python -m engine.fresh_child PARENT NICENESS`` reads the pickled ``(fn, args)``
+from stdin, runs it and sends the outcome on stdout as a forked child does."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+from engine.forked_job import child_main
+
+if __name__ == "__main__":
+    parent, niceness = int(sys.argv[1]), int(sys.argv[2])
+    fn, args = pickle.loads(sys.stdin.buffer.read())
+    child_main(fn, args, sys.stdout.fileno(), niceness, parent)
