@@ -44,6 +44,9 @@ from .tags import KIND_PUT
 if TYPE_CHECKING:
     from .version import FileMeta
 
+# A whole-table pass drops the pages it has read from its mapping in steps this large.
+_DROP_BEHIND_BYTES = 1 << 20
+
 # Cached blocks are unpacked on reuse only while the cache is this full or less.
 PROMOTE_BELOW = 0.9
 
@@ -201,11 +204,21 @@ class TableReader:
         return MISS
 
     def blocks(self) -> Iterator[tuple[list[bytes], list[int], list[bytes]]]:
-        """Every data block as ``(keys, tags, values)``, bypassing the block cache."""
+        """Every data block as ``(keys, tags, values)``, bypassing the block cache.
+
+        A whole-table pass (a compaction's) reads each page once, so the pages it
+        has passed are dropped from this process's mapping as it goes: they stay in
+        the page cache, not in the process's resident memory. What it yields are
+        copies, never views of the mapping."""
+        dropped = 0
         for off, size in self.handles:
             keys, tags, vo, data = decode_block(self._read(off, size), self.path, off,
                                                 self.global_seq)
             yield keys, tags, [data[s:e] for s, e in zip(vo, vo[1:], strict=False)]
+            if off + size - dropped >= _DROP_BEHIND_BYTES:
+                passed = (off + size) & -mmap.PAGESIZE
+                self._mm.madvise(mmap.MADV_DONTNEED, dropped, passed - dropped)
+                dropped = passed
 
     def entries(self) -> Iterator[tuple[bytes, int, bytes | None]]:
         """Every version as ``(key, tag, value-or-None)``, bypassing the block cache."""

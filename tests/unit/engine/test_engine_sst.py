@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from engine.bloom import key_hash
@@ -144,3 +146,32 @@ def test_short_file_is_corruption(tmp_path):
     path.write_bytes(b"tiny")
     with pytest.raises(Corruption, match="too short"):
         TableReader(str(path), 9)
+
+
+def resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0]:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_a_whole_table_pass_leaves_the_pages_it_read_out_of_memory(tmp_path):
+    path = tmp_path / "000001.sst"
+    build(path, [(b"key%07d" % i, i + 1, os.urandom(200)) for i in range(20_000)],
+          compression="none")
+    reader = TableReader(str(path), 1, None)
+    try:
+        assert os.path.getsize(path) > 4 << 20
+        entries = sum(len(keys) for keys, _, _ in reader.blocks())
+        assert entries == 20_000
+        # what is left mapped: the last step not yet dropped, index, filter, footer
+        assert resident_kib(path) < 2048, resident_kib(path)
+        assert sum(1 for _ in reader.entries()) == 20_000  # a plain pass maps them again
+        assert resident_kib(path) > 4096
+    finally:
+        reader.close()
