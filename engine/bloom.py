@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Sequence
 from functools import lru_cache
 from zlib import crc32
 
@@ -40,7 +41,7 @@ def probes_for(bits_per_key: int) -> int:
     return max(1, min(12, int(bits_per_key * 0.69)))
 
 
-def build_filter(hashes: list[int], bits_per_key: int) -> bytes:
+def build_filter(hashes: Sequence[int], bits_per_key: int) -> bytes:
     """Build a filter over keys given by their ``key_hash``."""
     k = probes_for(bits_per_key)
     nwords = max(1, (len(hashes) * bits_per_key + 63) // 64)

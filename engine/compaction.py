@@ -195,20 +195,22 @@ def flush_job(mem: MemTable, path: str, block_size: int, compression: str,
                 else:
                     tags.append(seq << 8 | KIND_PUT)
                     values.append(value)
+            builder.add_many(keys, tags, values)
         else:
-            seq_of, value_of = mem.merged()
-            seqs = list(map(seq_of.__getitem__, keys))
-            values = list(map(value_of.__getitem__, keys))
-            if None in values:
-                tags = [seq << 8 | (KIND_DELETE if value is None else KIND_PUT)
-                        for seq, value in zip(seqs, values, strict=True)]
-                values = [b"" if value is None else value for value in values]
-            else:
-                # seq << 8 | KIND_PUT for every key, in C.
-                tags = list(map(or_, map((256).__mul__, seqs), repeat(KIND_PUT)))
-        step = 1 << 14
-        for i in range(0, len(keys), step):
-            builder.add_many(keys[i:i + step], tags[i:i + step], values[i:i + step])
+            # A slice of keys at a time, so the columns of the whole memtable never
+            # exist at once in the child.
+            step = 1 << 14
+            for i in range(0, len(keys), step):
+                part = keys[i:i + step]
+                seqs, values = mem.columns(part)
+                if None in values:
+                    tags = [seq << 8 | (KIND_DELETE if value is None else KIND_PUT)
+                            for seq, value in zip(seqs, values, strict=True)]
+                    values = [b"" if value is None else value for value in values]
+                else:
+                    # seq << 8 | KIND_PUT for every key, in C.
+                    tags = list(map(or_, map((256).__mul__, seqs), repeat(KIND_PUT)))
+                builder.add_many(part, tags, values)
         for start, end, seq in mem.range_dels:
             builder.add_range_tombstone(start, end, seq)
         return builder.finish()

@@ -184,24 +184,23 @@ class MemTable:
             s = self._sorted = sorted(chain.from_iterable(self.shard_values))
         return s
 
-    def merged(self) -> tuple[dict[bytes, int], dict[bytes, bytes | None]]:
-        """``seqs`` and ``values`` each as one dict (for a flush, which looks up every key)."""
-        seqs: dict[bytes, int] = {}
-        values: dict[bytes, bytes | None] = {}
-        for shard in self.shard_seqs:
-            seqs.update(shard)
-        for shard in self.shard_values:
-            values.update(shard)
-        return seqs, values
+    def columns(self, keys: list[bytes]) -> tuple[list[int], list[bytes | None]]:
+        """The sequence numbers and the values of ``keys`` (each one present), in
+        order: for a flush, which reads every key (no merged copy of the shards)."""
+        shard_seqs, shard_values = self.shard_seqs, self.shard_values
+        shards = [hash(key) & SHARD_MASK for key in keys]
+        return ([shard_seqs[i][key] for i, key in zip(shards, keys, strict=True)],
+                [shard_values[i][key] for i, key in zip(shards, keys, strict=True)])
 
     def entries(self) -> Iterator[tuple[bytes, int, bytes | None]]:
         """All versions as ``(key, seq, value)`` in key order, newest version first."""
-        seqs, values = self.merged()
+        keys = self.sorted_keys()
+        seqs, values = self.columns(keys)
         older = self.older
-        for key in self.sorted_keys():
-            yield key, seqs[key], values[key]
-            for seq, value in older.get(key, ()):
-                yield key, seq, value
+        for key, seq, value in zip(keys, seqs, values, strict=True):
+            yield key, seq, value
+            for seq_, value_ in older.get(key, ()):
+                yield key, seq_, value_
 
     def scan(self, lower: bytes | None, upper: bytes | None, snap: int, rank: int,
              reverse: bool = False, tombstones: FragmentedTombstones | None = None,

@@ -13,6 +13,7 @@ tombstone's exclusive end counts as ``largest_covered(end)``
 from __future__ import annotations
 
 import os
+from array import array
 from bisect import bisect_left
 from itertools import accumulate
 from operator import add
@@ -55,7 +56,8 @@ class TableBuilder:
         self._pending = 0
         self._index_keys: list[bytes] = []
         self._index_values: list[bytes] = []
-        self._hashes: list[int] = []
+        # 4 bytes a key (key_hash is a crc32), not a Python int each.
+        self._hashes = array("I")
         self._range_dels: list[tuple[bytes, int, bytes]] = []
         self.num_entries = 0
         self.num_deletions = 0
@@ -113,7 +115,7 @@ class TableBuilder:
         if done_tags:
             if self.first_key is None:
                 self.first_key = keys[0]
-            self._hashes += map(key_hash, keys[:s])
+            self._hashes.extend(map(key_hash, keys[:s]))
             self.num_entries += s
             self.num_deletions += s - list(map((0xFF).__and__, done_tags)).count(KIND_PUT)
             self.smallest_seq = min(self.smallest_seq, min(done_tags) >> 8)
