@@ -309,6 +309,13 @@ def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int
     keys; returns their stats with the path under ``"path"``. ``global_seqs`` maps
     the path of each ingested input to its global sequence number; the outputs are
     ordinary tables holding the versions with it.
+
+    At the bottommost level a put every snapshot sees is written with sequence
+    number 0, as RocksDB does: nothing older is left anywhere for it to be ordered
+    against, every newer version has a higher number, and a block of zero sequence
+    numbers compresses to almost nothing. Not while a range tombstone survives the
+    compaction: then every number stays, so no put can come to look older than a
+    tombstone it is newer than.
     """
     snaps = sorted(snapshots)
     nsnaps = len(snaps)
@@ -317,6 +324,8 @@ def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int
     tombs = fragment(t for group in readers for r in group for t in r.range_tombstones)
     newest_above = tombs.newest_above if len(tombs) else None
     kept_tombs = _surviving_tombstones(tombs, snaps, bottommost)
+    # Puts with a number at or below this are written with sequence number 0.
+    zero_upto = (snaps[0] if nsnaps else 1 << 62) if bottommost and not len(kept_tombs) else -1
     # Where the next output's share of the tombstones begins (None: from the start).
     tomb_lower: bytes | None = None
     outputs: list[dict] = []
@@ -382,6 +391,8 @@ def compaction_job(groups: list[list[str]], tmp_prefix: str, snapshots: list[int
                             if i == nsnaps or snaps[i] >= seq:  # no snapshot between
                                 vanish = idx + 1
                                 continue
+                if kind == KIND_PUT and seq <= zero_upto:
+                    tag = KIND_PUT
                 keys.append(key)
                 tags.append(tag)
                 values.append(value)

@@ -150,15 +150,19 @@ def test_compaction_job_keeps_what_snapshots_see(tmp_path):
     got = list(TableReader(out["path"], 0).entries())
     assert got == [
         (b"a", 30 << 8 | 1, b"a30"),
-        (b"a", 10 << 8 | 1, b"a10"),    # seen by the snapshot at 20
+        (b"a", 0 << 8 | 1, b"a10"),     # seen by the snapshot at 20 (every snapshot): seq 0
         (b"b", 31 << 8 | 0, None),      # tombstone kept: the snapshot sees b11 beneath it
-        (b"b", 11 << 8 | 1, b"b11"),
+        (b"b", 0 << 8 | 1, b"b11"),
         (b"c", 32 << 8 | 1, b"c32"),
     ]                                   # a5 and the bottommost d tombstone are gone
     outs = compaction_job([[newer], [older]], str(tmp_path / "out2-"), [], True, 1 << 20,
                           4096, "none", 10)
     got = [(k, t >> 8, v) for k, t, v in TableReader(outs[0]["path"], 0).entries()]
-    assert got == [(b"a", 30, b"a30"), (b"c", 32, b"c32")]
+    assert got == [(b"a", 0, b"a30"), (b"c", 0, b"c32")]  # no snapshot: every put at 0
+    outs = compaction_job([[newer], [older]], str(tmp_path / "out3-"), [20], False, 1 << 20,
+                          4096, "none", 10)
+    got = [(k, t >> 8, v) for k, t, v in TableReader(outs[0]["path"], 0).entries()]
+    assert (b"a", 10, b"a10") in got  # above the bottommost level numbers stay
 
 
 def test_compaction_job_splits_outputs_between_keys(tmp_path):
