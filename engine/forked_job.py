@@ -13,7 +13,9 @@ and ``args`` pickled: for a long job whose arguments are plain data (a large
 compaction). A fork shares every page of the parent until one side writes it, so
 while a forked child runs for seconds, each page the parent writes (freeing a
 flushed memtable touches nearly all of its pages) costs a copy, and the fork itself
-copies the page tables of a large process.
+copies the page tables of a large process. When no fresh interpreter gets as far
+as the job (no usable ``sys.executable``, as in a program embedding Python), the
+job is forked after all.
 
 Invariant: the caller gets either the job's result or the job's error re-raised
 (``Corruption`` keeps its file and offset); a child dies with its parent.
@@ -89,7 +91,9 @@ def run_job(fn: Callable[..., Any], *args: Any, isolated: bool = True, niceness:
     if not isolated:
         return fn(*args)
     if fresh:
-        return _run_fresh(fn, args, niceness)
+        outcome = _run_fresh(fn, args, niceness)
+        if outcome is not _NOT_STARTED:
+            return outcome
     rfd, wfd = os.pipe()
     parent = os.getpid()
     try:
@@ -116,18 +120,31 @@ def run_job(fn: Callable[..., Any], *args: Any, isolated: bool = True, niceness:
     return _outcome(b"".join(chunks), f"wait status {status}")
 
 
+# What _run_fresh returns when no fresh interpreter ran the job.
+_NOT_STARTED = object()
+# The first byte a fresh child sends once it holds the job and is about to run it.
+STARTED = b"J"
+
+
 def _run_fresh(fn: Callable[..., Any], args: tuple, niceness: int) -> Any:
-    # The child finds the engine, and ``fn``'s module, where this process did.
+    """The job's outcome from a fresh interpreter, or _NOT_STARTED when none could
+    run it (no executable for one, as in an embedding program: the caller forks)."""
+    # The child finds the engine, and ``fn``'s module, where this process did; -P
+    # keeps the working directory, which may hold another "engine", off its path.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
     job = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+    if not sys.executable:
+        return _NOT_STARTED
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.fresh_child", str(os.getpid()), str(niceness)],
+            [sys.executable, "-P", "-m", "engine.fresh_child", str(os.getpid()), str(niceness)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     except OSError:
-        return fn(*args)  # no process slot or no memory for a child: work here
+        return _NOT_STARTED
     out, _ = proc.communicate(job)
-    return _outcome(out, f"exit status {proc.returncode}")
+    if not out.startswith(STARTED):  # it never got as far as the job
+        return _NOT_STARTED
+    return _outcome(out[len(STARTED):], f"exit status {proc.returncode}")
 
 
 def _outcome(data: bytes, how_it_ended: str) -> Any:

@@ -28,6 +28,21 @@ def test_a_job_runs_in_a_child_of_this_process(fresh):
     assert has_test_modules is not fresh  # a fresh interpreter is no copy of this one
 
 
+@pytest.mark.parametrize("executable", ["", "/nonexistent/python3", "/bin/false"])
+def test_a_fresh_job_is_forked_when_no_fresh_interpreter_starts(monkeypatch, executable):
+    monkeypatch.setattr(sys, "executable", executable)
+    parent, has_test_modules = run_job(child_facts, fresh=True)
+    assert parent == os.getpid() and has_test_modules  # a fork of this process
+
+
+def test_a_fresh_child_ignores_an_engine_in_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "__init__.py").write_text("raise SystemExit('the wrong engine')\n")
+    monkeypatch.chdir(tmp_path)
+    parent, has_test_modules = run_job(child_facts, fresh=True)
+    assert parent == os.getpid() and not has_test_modules
+
+
 @pytest.mark.parametrize("fresh", [False, True], ids=["forked", "fresh"])
 def test_a_childs_corruption_comes_back_with_its_file_and_offset(tmp_path, fresh):
     bad = tmp_path / "000007.sst"
