@@ -14,6 +14,7 @@ from mount import control
 from mount.cmd_reencrypt import reencrypt_rows
 from mount.cmd_vault import print_keys, utc
 from mount.key_options import add_key_options, source_from_args
+from mount.mount_request import POLL_US_DEFAULT, POLL_US_MAX
 from mount.service import UNIT_DIR, unit_name, unit_text
 
 
@@ -73,11 +74,34 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="make a new active data key whenever the active one is older than"
                         " DAYS (a fraction is fine; 0: never; default: the vault's"
                         " rotation_period_days, 7)")
+    p.add_argument("--poll-us", type=_poll_us, metavar="US", default=None,
+                   help="look for the next request for up to US microseconds before"
+                        " sleeping, while the CPUs are not contended (0: never;"
+                        f" default {POLL_US_DEFAULT})")
     p.add_argument("--metrics-listen", metavar="[HOST:]PORT",
                    help="serve Prometheus metrics over HTTP there (HOST: 127.0.0.1)")
     p.add_argument("--metrics-file", type=Path, metavar="FILE",
                    help="rewrite FILE with the metrics every 10 s (node_exporter's"
                         " textfile collector)")
+
+
+def _polling_row(p: dict[str, Any]) -> str:
+    if not p["available"]:
+        return "off (pyfuse3 lacks the patch)"
+    if not p["budget_us"]:
+        return "off (--poll-us 0)"
+    return (f"up to {p['budget_us']} µs: {p['hits']} requests found by looking,"
+            f" {p['misses']} looks found none, {p['contended']} waits on contended CPUs")
+
+
+def _poll_us(text: str) -> int:
+    try:
+        us = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of microseconds: {text!r}") from None
+    if not 0 <= us <= POLL_US_MAX:
+        raise argparse.ArgumentTypeError(f"the budget must be 0 (off) to {POLL_US_MAX} µs: {text!r}")
+    return us
 
 
 def _days(text: str) -> float:
@@ -101,7 +125,8 @@ def _mount(args: argparse.Namespace) -> int:
                        writeback_cache=not args.no_writeback_cache,
                        xattrs=args.xattrs, rotation_period_days=args.rotation_period,
                        metrics_listen=args.metrics_listen,
-                       metrics_file=args.metrics_file.absolute() if args.metrics_file else None)
+                       metrics_file=args.metrics_file.absolute() if args.metrics_file else None,
+                       poll_us=POLL_US_DEFAULT if args.poll_us is None else args.poll_us)
     return mount(req)
 
 
@@ -127,6 +152,8 @@ def _install_unit(args: argparse.Namespace) -> int:
         options.append("--xattrs")
     if args.rotation_period is not None:
         options += ["--rotation-period", f"{args.rotation_period:g}"]
+    if args.poll_us is not None:
+        options += ["--poll-us", str(args.poll_us)]
     if args.metrics_listen:
         options += ["--metrics-listen", args.metrics_listen]
     if args.metrics_file:
@@ -197,6 +224,7 @@ def _status(args: argparse.Namespace) -> int:
             ("entry copies", "on" if reply["entry_copies"] else
              "off (the backing filesystem keeps no user extended attributes)"),
             ("fallocate", "on" if reply["fallocate"] else "off (pyfuse3 lacks the patch)"),
+            ("polling", _polling_row(reply["polling"])),
             ("write failures", f"{reply['write_failures']} files (cached writes lost; see"
                                " the log)" if reply["write_failures"] else "none")]
     problems = reply.get("problems", [])

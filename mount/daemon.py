@@ -40,6 +40,8 @@ log = logging.getLogger("tdefs.daemon")
 # FUSE FALLOCATE reaches the daemon only through our patch to pyfuse3 (patches/);
 # without it the kernel answers fallocate(2) with EOPNOTSUPP itself
 FALLOCATE = "fallocate" in getattr(pyfuse3, "TDEFS_PATCHES", ())
+# looking for the next request before sleeping, the same way (patches/README.md)
+POLLING = "polling" in getattr(pyfuse3, "TDEFS_PATCHES", ())
 
 READAHEAD_KIB = 512
 PROBLEMS_KEPT = 20
@@ -103,6 +105,8 @@ class _Daemon:
             nursery.start_soon(self.reencryption.run)
             if self.req.metrics_file is not None:
                 nursery.start_soon(self._write_metrics_file)
+            if POLLING:
+                pyfuse3.set_polling(self.req.poll_us)
             await pyfuse3.main()
             log.info("unmounted %s", self.req.mountpoint)
             self.reencryption.stop()  # a copy in progress ends now; the next open cleans up
@@ -213,6 +217,7 @@ class _Daemon:
             "xattrs": self.req.xattrs,
             "entry_copies": self.vault.copies.enabled,
             "fallocate": FALLOCATE,
+            "polling": self.polling(),
             "write_failures": len(self.fs.write_failures),
             "active_key": (None if active is None else
                            {"id": active.id, "method": active.method, "created": active.created}),
@@ -223,6 +228,14 @@ class _Daemon:
             "reencrypt": self.reencryption.status(),
             "problems": list(self.problems),
         }
+
+    def polling(self) -> dict[str, Any]:
+        """What looking for the next request before sleeping did so far."""
+        if not POLLING:
+            return {"available": False, "budget_us": 0}
+        hits, misses, contended, budget_ns = pyfuse3.polling_stats()
+        return {"available": True, "budget_us": self.req.poll_us, "hits": hits,
+                "misses": misses, "contended": contended, "current_us": budget_ns // 1000}
 
     async def _write_failures(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"failures": sorted(self.fs.write_failures.values(), key=lambda f: f["first"])}
@@ -331,6 +344,9 @@ def serve(req: MountRequest, on_ready: Any = None) -> None:
                         " fallocate(2) on the mount fails with EOPNOTSUPP")
             daemon.problem("fallocate(2) fails with EOPNOTSUPP: this pyfuse3 lacks the"
                            " patch (run scripts/setup)")
+        if req.poll_us and not POLLING:
+            log.info("this pyfuse3 lacks the polling patch (run scripts/setup): the"
+                     " daemon sleeps between requests")
         if not vault.copies.enabled:
             log.warning("%s keeps no user extended attributes: files carry no copy of"
                         " their entry", req.backing)

@@ -21,6 +21,7 @@ VALUE_OPTIONS = {
     "key_command": "--key-command",
     "log": "--log",
     "rotation_period": "--rotation-period",
+    "poll_us": "--poll-us",
 }
 FLAG_OPTIONS = {
     "allow_other": "--allow-other",

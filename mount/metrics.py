@@ -62,6 +62,17 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("tdefs_write_failure_files",
                                 "files whose cached writes could not be written back",
                                 value=len(fs.write_failures))
+        polling = d.polling()
+        if polling["available"]:
+            yield CounterMetricFamily("tdefs_polling_hits",
+                                      "requests found by looking before sleeping",
+                                      value=polling["hits"])
+            yield CounterMetricFamily("tdefs_polling_misses",
+                                      "looks before sleeping that found no request",
+                                      value=polling["misses"])
+            yield CounterMetricFamily("tdefs_polling_contended",
+                                      "waits without a look, the CPUs being contended",
+                                      value=polling["contended"])
         active = vault.keys.active
         yield GaugeMetricFamily("tdefs_active_key", "id of the active data key (0: none)",
                                 value=0 if active is None else active.id)

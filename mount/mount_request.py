@@ -8,6 +8,9 @@ from pathlib import Path
 from encfs.errors import TdefsError
 from encfs.masterkey import MasterKeySource
 
+POLL_US_DEFAULT = 200
+POLL_US_MAX = 10_000
+
 
 class MountError(TdefsError):
     """The mount cannot be made, found or removed."""
@@ -27,3 +30,6 @@ class MountRequest:
     rotation_period_days: float | None = None
     metrics_listen: str | None = None  # [HOST:]PORT of an HTTP endpoint for Prometheus
     metrics_file: Path | None = None  # a file rewritten with the metrics every few seconds
+    # µs the daemon looks for the next request before it sleeps (0: never); needs the
+    # polling patch to pyfuse3 (patches/README.md)
+    poll_us: int = POLL_US_DEFAULT
