@@ -76,12 +76,51 @@ def zero_blocks(data: bytes | memoryview) -> list[int]:
     return found
 
 
-def read_at(fd: int, cipher: FileCipher, size: int, offset: int) -> bytes:
-    """Read up to ``size`` plaintext bytes at ``offset`` (fewer at end of file)."""
-    if cipher.is_plaintext:
-        return os.pread(fd, size, offset)
+class _CachedReads:
+    """preadv2(RWF_NOWAIT): a read served only from the page cache, never waiting for
+    the disk. Where the backing filesystem refuses the flag, reads just wait."""
+
+    flag = getattr(os, "RWF_NOWAIT", 0)
+
+    @classmethod
+    def pread(cls, fd: int, length: int, offset: int) -> bytes | bytearray:
+        if cls.flag:
+            buf = bytearray(length)
+            try:
+                n = os.preadv(fd, [buf], offset, cls.flag)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise  # BlockingIOError: not in the page cache
+                cls.flag = 0
+            else:
+                if n < length:
+                    # part of it is not cached, or the file ends there: a read that
+                    # may wait will tell
+                    raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
+                return buf
+        return os.pread(fd, length, offset)
+
+
+def prefetch(fd: int, size: int, offset: int) -> None:
+    """Have the kernel start reading the blocks ``read_at(fd, _, size, offset)`` needs
+    into the page cache, without waiting for them (best effort)."""
     start = _down(offset)
-    data = os.pread(fd, _up(offset + size) - start, start)
+    try:
+        os.posix_fadvise(fd, start, _up(offset + size) - start, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+
+
+def read_at(fd: int, cipher: FileCipher, size: int, offset: int,
+            cached_only: bool = False) -> bytes:
+    """Read up to ``size`` plaintext bytes at ``offset`` (fewer at end of file).
+    ``cached_only``: raise BlockingIOError rather than wait for the disk (a short
+    read at the end of the file raises it too)."""
+    pread = _CachedReads.pread if cached_only else os.pread
+    if cipher.is_plaintext:
+        return bytes(pread(fd, size, offset))
+    start = _down(offset)
+    data = pread(fd, _up(offset + size) - start, start)
     skip = offset - start
     if len(data) <= skip:
         return b""

@@ -48,6 +48,9 @@ ATTR_TIMEOUT = 1.0
 # Reads and writes at least this large run in a worker thread so the loop keeps
 # serving other requests; smaller ones cost less inline than a thread hop.
 THREAD_IO_BYTES = 128 * 1024
+# A smaller READ that must wait for the disk while other requests wait starts its
+# disk read, then yields to the loop up to this many times so they can start theirs.
+PREFETCH_YIELDS = 8
 # An fsync of a file with more than this written since its last fsync may take
 # long: it always runs in a worker thread, so other files' requests never wait.
 FSYNC_INLINE_BYTES = 1 << 20
@@ -62,6 +65,10 @@ _ENTRY_COPY = entry_copy.XATTR  # the vault's own: invisible and untouchable thr
 # O_DIRECT would impose alignment on our own buffers.
 _STRIPPED_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
                    | getattr(os, "O_DIRECT", 0))
+
+# whether a request waits on the FUSE descriptor (our polling patch to pyfuse3;
+# without it only requests already being answered count)
+_requests_waiting: Callable[[], bool] = getattr(pyfuse3, "requests_waiting", lambda: False)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -158,6 +165,8 @@ class VaultFS(pyfuse3.Operations):
         self._next_dir_fh = 1
         self._is_root = os.geteuid() == 0
         self._in_flight = 0  # requests being handled now
+        self.thread_reads = 0  # READs answered from a worker thread
+        self.prefetched_reads = 0  # READs whose disk read started while others were taken
         self.gate = TreeGate()
         # backing inode number -> its conversion, for files re-encryption is copying
         self._converting: dict[int, Conversion] = {}
@@ -340,8 +349,8 @@ class VaultFS(pyfuse3.Operations):
                            switch: Callable[[], Any]) -> tuple[bool, Any]:
         """Put the new backing file ``new_ino`` (a re-encrypted copy) in place of
         ``old_ino`` under all its names, invisibly: no name changes meanwhile (the
-        tree gate), no write or truncation of the file (its lock), no read in a worker
-        thread (drained); then ``switch()`` renames, and the FUSE inode number, the
+        tree gate), no write or truncation of the file (its lock), no read away from
+        the loop (drained); then ``switch()`` renames, and the FUSE inode number, the
         open handles (same descriptors, now on the new file) and the cipher follow.
         Does nothing, returning (False, None), if the file changed while it was copied
         or ``check()`` says its names moved."""
@@ -357,7 +366,7 @@ class VaultFS(pyfuse3.Operations):
             if node is not None:
                 node.swap = trio.Event()
                 stack.callback(self._swap_done, node)
-                while node.thread_reads:
+                while node.reads_away:
                     node.drained = trio.Event()
                     await node.drained.wait()
                 node.drained = None
@@ -695,20 +704,43 @@ class VaultFS(pyfuse3.Operations):
         if inode.swap is not None:
             await inode.swap.wait()  # its backing file is being replaced
         cipher = inode.cipher
-        if size < THREAD_IO_BYTES or self._in_flight <= 1:
-            data = content.read_at(h.fd, cipher, size, off)
-            if not cipher.is_plaintext:
-                self.bytes_decrypted += len(data)
-            return data
-        inode.thread_reads += 1
+        if size >= THREAD_IO_BYTES and self._in_flight > 1:
+            data = await self._read_away(inode, h.fd, cipher, size, off, thread=True)
+        else:
+            try:
+                data = content.read_at(h.fd, cipher, size, off, cached_only=True)
+            except BlockingIOError:
+                # the disk must be waited for; a lone read waits inline, where a thread
+                # hop or a yield would only delay it
+                if self._in_flight > 1 or _requests_waiting():
+                    data = await self._read_away(inode, h.fd, cipher, size, off, thread=False)
+                else:
+                    data = content.read_at(h.fd, cipher, size, off)
+        if not cipher.is_plaintext:
+            self.bytes_decrypted += len(data)
+        return data
+
+    async def _read_away(self, inode: Inode, fd: int, cipher: Any, size: int, off: int,
+                         thread: bool) -> bytes:
+        """A read during which the loop answers other requests: in a worker thread, or
+        (``thread`` False) by starting its disk read, then yielding while the requests
+        waiting start theirs, so the disk sees them together, and then waiting for it.
+        A swap of the backing file waits for these reads (``drained``)."""
+        inode.reads_away += 1
         try:
-            data = await trio.to_thread.run_sync(content.read_at, h.fd, cipher, size, off)
-            if not cipher.is_plaintext:
-                self.bytes_decrypted += len(data)
-            return data
+            if thread:
+                self.thread_reads += 1
+                return await trio.to_thread.run_sync(content.read_at, fd, cipher, size, off)
+            content.prefetch(fd, size, off)
+            self.prefetched_reads += 1
+            for _ in range(PREFETCH_YIELDS):
+                await trio.lowlevel.checkpoint()
+                if not _requests_waiting():
+                    break
+            return content.read_at(fd, cipher, size, off)
         finally:
-            inode.thread_reads -= 1
-            if not inode.thread_reads and inode.drained is not None:
+            inode.reads_away -= 1
+            if not inode.reads_away and inode.drained is not None:
                 inode.drained.set()
 
     @_answer_errors

@@ -30,7 +30,7 @@ class Inode:
 
     __slots__ = ("ino", "backing_ino", "paths", "lookups", "fds", "cipher", "lock",
                  "mtime_ns", "written", "last_st", "no_capability", "unsynced", "swap",
-                 "thread_reads", "drained")
+                 "reads_away", "drained")
 
     def __init__(self, ino: int, backing_ino: int | None) -> None:
         self.ino = ino
@@ -49,10 +49,11 @@ class Inode:
         self.no_capability = False  # known to have no security.capability attribute
         self.unsynced = 0  # bytes written through the mount since the last fsync
         # re-encryption replacing the backing file: set while it does (reads and
-        # opens wait for it), with the count of reads running in worker threads and
-        # the event that says they are all done
+        # opens wait for it), with the count of reads away from the loop (in worker
+        # threads, or yielding while their disk reads start) and the event that says
+        # they are all done
         self.swap: Any = None
-        self.thread_reads = 0
+        self.reads_away = 0
         self.drained: Any = None
 
     def any_path(self) -> bytes:

@@ -50,6 +50,12 @@ class DaemonCollector(Collector):
         yield CounterMetricFamily("tdefs_encrypted_bytes",
                                   "plaintext bytes written into encrypted files",
                                   value=fs.bytes_encrypted)
+        yield CounterMetricFamily("tdefs_thread_reads",
+                                  "large READs answered from a worker thread while the"
+                                  " loop answered other requests", value=fs.thread_reads)
+        yield CounterMetricFamily("tdefs_prefetched_reads",
+                                  "READs that started their disk read, then let the loop"
+                                  " take the requests waiting", value=fs.prefetched_reads)
         yield CounterMetricFamily("tdefs_dictionary_records",
                                   "records appended to files.dict", value=vault.files.records_written)
         yield CounterMetricFamily("tdefs_dictionary_syncs",

@@ -28,8 +28,9 @@ pytestmark = pytest.mark.fuse
 BENCH = REPO / "scripts" / "bench_fs.py"
 FLOOR = REPO / "scripts" / "bench_floor.py"
 SPINNER_TAG = "tdefs-bench-busy-neighbour"
-FS_ROWS = ("seq_write", "seq_read", "rand_read_4k", "rand_write_4k", "statfs", "small_create",
-           "small_stat", "small_read", "small_rename", "small_unlink", "append_fsync")
+FS_ROWS = ("seq_write", "seq_read", "rand_read_4k", "rand_read_4k_qd4", "rand_write_4k", "statfs",
+           "small_create", "small_stat", "small_read", "small_rename", "small_unlink",
+           "append_fsync")
 KV_ROWS = ("rocksdb_fill", "rocksdb_fill_sync")
 NUMBER = r"[0-9][0-9,]*(?:\.[0-9]+)?"
 FLOOR_ROWS = ("small_create", "small_stat", "small_rename", "small_unlink")

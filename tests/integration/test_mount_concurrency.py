@@ -7,9 +7,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import re
 from pathlib import Path
 
-from fuse_harness import VaultPaths, mounted_at
+from fuse_harness import VaultPaths, mounted_at, run_tdefs
 
 WORKERS = 4
 STEPS = 250
@@ -73,3 +74,58 @@ def test_concurrent_clients_match_their_models(vault: VaultPaths) -> None:
         before = _snapshot(vault.mountpoint)  # each client checked its part against its model
     with mounted_at(vault):
         assert _snapshot(vault.mountpoint) == before
+
+
+READERS = 4
+READS_EACH = 200
+
+
+def _read_at_random(args: tuple[str, int, int]) -> list[tuple[int, bytes]]:
+    path, seed, size = args
+    rng = random.Random(seed)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offs = [rng.randrange(size // 4096) * 4096 for _ in range(READS_EACH)]
+        return [(off, os.pread(fd, 4096, off)) for off in offs]
+    finally:
+        os.close(fd)
+
+
+def _cold_copy(v: VaultPaths, data: bytes) -> None:
+    """Write data.bin through the mount; once unmounted, evict its backing pages."""
+    with mounted_at(v):
+        (v.mountpoint / "data.bin").write_bytes(data)
+    fd = os.open(v.backing / "data.bin", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _prefetched_reads(v: VaultPaths) -> float:
+    text = run_tdefs("metrics", v.mountpoint).stdout.decode()
+    return float(re.search(r"^tdefs_prefetched_reads_total (\S+)$", text,
+                           re.MULTILINE).group(1))
+
+
+def test_cold_reads_of_concurrent_readers_wait_for_the_disk_together(vault: VaultPaths) -> None:
+    """A READ that must wait for the disk while other requests wait starts its disk
+    read and lets the loop take them (they start theirs) before it waits; a lone
+    reader's READs just wait, inline."""
+    size = 16 << 20
+    data = random.Random(5).randbytes(size)
+    _cold_copy(vault, data)
+    with mounted_at(vault):
+        path = str(vault.mountpoint / "data.bin")
+        for off, got in _read_at_random((path, 99, size)):
+            assert got == data[off:off + 4096]
+        assert _prefetched_reads(vault) == 0
+    _cold_copy(vault, data)
+    with mounted_at(vault):
+        with multiprocessing.Pool(READERS) as pool:
+            results = pool.map(_read_at_random, [(path, seed, size) for seed in range(READERS)])
+        for result in results:
+            for off, got in result:
+                assert got == data[off:off + 4096]
+        assert _prefetched_reads(vault) > 0

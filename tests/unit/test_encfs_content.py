@@ -250,3 +250,25 @@ def test_copy_reencrypted_keeps_contents_and_holes(tmp_path, size, source):
     finally:
         os.close(src)
         os.close(dst)
+
+
+def _evict(fd: int) -> None:
+    """Drop the file's clean pages from the page cache."""
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+@pytest.mark.parametrize("cipher", [CIPHER, PLAINTEXT])
+def test_a_cached_only_read_never_waits_for_the_disk(fd, cipher):
+    data = os.urandom(3 * content.BLOCK)
+    content.write_at(fd, cipher, data, 0)
+    _evict(fd)
+    with pytest.raises(BlockingIOError):
+        content.read_at(fd, cipher, 100, 5000, cached_only=True)
+    # a read that may wait brings the block in; then the cached read serves it
+    assert content.read_at(fd, cipher, 100, 5000) == data[5000:5100]
+    assert content.read_at(fd, cipher, 100, 5000, cached_only=True) == data[5000:5100]
+    # a read running into the end of the file is short: the caller must ask again
+    with pytest.raises(BlockingIOError):
+        content.read_at(fd, cipher, content.BLOCK, len(data) - 10, cached_only=True)
+    assert content.read_at(fd, cipher, content.BLOCK, len(data) - 10) == data[-10:]
