@@ -74,6 +74,9 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="make a new active data key whenever the active one is older than"
                         " DAYS (a fraction is fine; 0: never; default: the vault's"
                         " rotation_period_days, 7)")
+    p.add_argument("--coarse-times", action="store_true",
+                   help="keep file times in whole seconds: an fsync then costs one"
+                        " request less (the kernel's write-back of the times)")
     p.add_argument("--poll-us", type=_poll_us, metavar="US", default=None,
                    help="look for the next request for up to US microseconds before"
                         " sleeping, while the CPUs are not contended (0: never;"
@@ -126,7 +129,8 @@ def _mount(args: argparse.Namespace) -> int:
                        xattrs=args.xattrs, rotation_period_days=args.rotation_period,
                        metrics_listen=args.metrics_listen,
                        metrics_file=args.metrics_file.absolute() if args.metrics_file else None,
-                       poll_us=POLL_US_DEFAULT if args.poll_us is None else args.poll_us)
+                       poll_us=POLL_US_DEFAULT if args.poll_us is None else args.poll_us,
+                       coarse_times=args.coarse_times)
     return mount(req)
 
 
@@ -154,6 +158,8 @@ def _install_unit(args: argparse.Namespace) -> int:
         options += ["--rotation-period", f"{args.rotation_period:g}"]
     if args.poll_us is not None:
         options += ["--poll-us", str(args.poll_us)]
+    if args.coarse_times:
+        options.append("--coarse-times")
     if args.metrics_listen:
         options += ["--metrics-listen", args.metrics_listen]
     if args.metrics_file:
@@ -225,6 +231,8 @@ def _status(args: argparse.Namespace) -> int:
              "off (the backing filesystem keeps no user extended attributes)"),
             ("fallocate", "on" if reply["fallocate"] else "off (pyfuse3 lacks the patch)"),
             ("polling", _polling_row(reply["polling"])),
+            ("file times", "whole seconds (--coarse-times)" if reply["coarse_times"]
+             else "nanoseconds"),
             ("write failures", f"{reply['write_failures']} files (cached writes lost; see"
                                " the log)" if reply["write_failures"] else "none")]
     problems = reply.get("problems", [])

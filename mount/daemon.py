@@ -42,6 +42,8 @@ log = logging.getLogger("tdefs.daemon")
 FALLOCATE = "fallocate" in getattr(pyfuse3, "TDEFS_PATCHES", ())
 # looking for the next request before sleeping, the same way (patches/README.md)
 POLLING = "polling" in getattr(pyfuse3, "TDEFS_PATCHES", ())
+# telling the kernel the granularity of file times (--coarse-times), the same way
+TIME_GRAN = "time-gran" in getattr(pyfuse3, "TDEFS_PATCHES", ())
 
 READAHEAD_KIB = 512
 PROBLEMS_KEPT = 20
@@ -78,7 +80,8 @@ class _Daemon:
         self._on_ready = on_ready
         self._initialized = trio.Event()
         self.fs = VaultFS(vault, on_ready=self._initialized.set,
-                          writeback_cache=req.writeback_cache, xattrs=req.xattrs)
+                          writeback_cache=req.writeback_cache, xattrs=req.xattrs,
+                          coarse_times=req.coarse_times and TIME_GRAN)
         # what went wrong lately, for status (the log has everything)
         self.problems: collections.deque[dict[str, Any]] = collections.deque(maxlen=PROBLEMS_KEPT)
         self.reencryption = Reencryption(self.fs, reencryptor, on_problem=self.problem)
@@ -218,6 +221,7 @@ class _Daemon:
             "entry_copies": self.vault.copies.enabled,
             "fallocate": FALLOCATE,
             "polling": self.polling(),
+            "coarse_times": bool(self.fs.time_gran_ns),
             "write_failures": len(self.fs.write_failures),
             "active_key": (None if active is None else
                            {"id": active.id, "method": active.method, "created": active.created}),
@@ -344,6 +348,11 @@ def serve(req: MountRequest, on_ready: Any = None) -> None:
                         " fallocate(2) on the mount fails with EOPNOTSUPP")
             daemon.problem("fallocate(2) fails with EOPNOTSUPP: this pyfuse3 lacks the"
                            " patch (run scripts/setup)")
+        if req.coarse_times and not TIME_GRAN:
+            log.warning("this pyfuse3 lacks the time-gran patch (run scripts/setup):"
+                        " --coarse-times has no effect")
+            daemon.problem("--coarse-times has no effect: this pyfuse3 lacks the patch"
+                           " (run scripts/setup)")
         if req.poll_us and not POLLING:
             log.info("this pyfuse3 lacks the polling patch (run scripts/setup): the"
                      " daemon sleeps between requests")

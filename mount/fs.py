@@ -43,6 +43,7 @@ log = logging.getLogger("tdefs.mount")
 # nothing until they expire, so this is how long a program keeps writing into the
 # page cache of a mount whose daemon has died before it gets ENOTCONN.
 ENTRY_TIMEOUT = 60.0
+COARSE_TIME_NS = 1_000_000_000  # --coarse-times: whole seconds, as ext4 with small inodes
 ATTR_TIMEOUT = 1.0
 
 # Writes at least this large always run in a worker thread, and reads this large do
@@ -152,10 +153,15 @@ class VaultFS(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, vault: Vault, on_ready: Callable[[], None] | None = None,
-                 writeback_cache: bool = True, xattrs: bool = True) -> None:
+                 writeback_cache: bool = True, xattrs: bool = True,
+                 coarse_times: bool = False) -> None:
         super().__init__()
         self.vault = vault
         self.enable_writeback_cache = writeback_cache
+        # read by pyfuse3 at INIT (our time-gran patch): the kernel keeps file times
+        # in whole seconds, so writes within a second leave them alone and an fsync
+        # then sends no SETATTR of the times
+        self.time_gran_ns = COARSE_TIME_NS if coarse_times else 0
         # Without xattrs every xattr request answers ENOSYS, which the kernel
         # remembers for the mount: it then stops asking for security.capability
         # before each write(2), so a write that hits the page cache costs no request.

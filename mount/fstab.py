@@ -29,6 +29,7 @@ FLAG_OPTIONS = {
     "noxattrs": "--no-xattrs",
     "nowriteback": "--no-writeback-cache",
     "no_writeback_cache": "--no-writeback-cache",
+    "coarse_times": "--coarse-times",
 }
 # mount(8), systemd and fstab options, and generic ones a FUSE mount has anyway
 IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "owner",

@@ -33,3 +33,6 @@ class MountRequest:
     # µs the daemon looks for the next request before it sleeps (0: never); needs the
     # polling patch to pyfuse3 (patches/README.md)
     poll_us: int = POLL_US_DEFAULT
+    # file times in whole seconds, so an fsync sends no SETATTR of them (needs the
+    # time-gran patch to pyfuse3)
+    coarse_times: bool = False
