@@ -43,8 +43,8 @@ log = logging.getLogger("tdefs.mount")
 # nothing until they expire, so this is how long a program keeps writing into the
 # page cache of a mount whose daemon has died before it gets ENOTCONN.
 ENTRY_TIMEOUT = 60.0
-COARSE_TIME_NS = 1_000_000_000  # --coarse-times: whole seconds, as ext4 with small inodes
 ATTR_TIMEOUT = 1.0
+COARSE_TIME_NS = 1_000_000_000  # --coarse-times: whole seconds, as ext4 with small inodes
 
 # Writes at least this large always run in a worker thread, and reads this large do
 # when other requests are in flight, so the loop keeps serving other requests (a stat
