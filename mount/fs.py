@@ -52,8 +52,9 @@ COARSE_TIME_NS = 1_000_000_000  # --coarse-times: whole seconds, as ext4 with sm
 # with them in threads, for 12 % of sequential write speed); smaller ones cost less
 # inline than a thread hop.
 THREAD_IO_BYTES = 128 * 1024
-# A smaller READ that must wait for the disk while other requests wait starts its
-# disk read, then yields to the loop up to this many times so they can start theirs.
+# A READ served in the loop that must wait for the disk while other requests wait
+# starts its disk read, then yields to the loop up to this many times so they can
+# start theirs.
 PREFETCH_YIELDS = 8
 # An fsync of a file with more than this written since its last fsync may take
 # long: it always runs in a worker thread, so other files' requests never wait.
