@@ -42,7 +42,8 @@ class Inode:
         self.lock: Any = None  # serialises content changes (set by the filesystem)
         # With the writeback cache the kernel keeps its own mtime of a regular file:
         # the one it was first told, then the ones it sends in setattr. `written` says
-        # our pwrites may have moved the backing mtime away from it since.
+        # the backing mtime may differ from it: our pwrites moved it, or a setattr of
+        # an open file kept the new mtime for its close or next fsync.
         self.mtime_ns: int | None = None
         self.written = False
         self.last_st: os.stat_result | None = None  # as last told to the kernel

@@ -3,6 +3,7 @@ any offset, and the edge cases databases rely on behave as on a local disk."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 import os
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from fuse_harness import VaultPaths, make_vault, mounted_at, require_fuse, run_tdefs
+
+AT_FDCWD = -100
+UTIME_OMIT = (1 << 30) - 2  # utimensat: leave this time as it is
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +314,53 @@ def test_mtime_survives_remount(tmp_path: Path) -> None:
     with mounted_at(v):
         assert os.stat(v.mountpoint / "stamped").st_mtime_ns == seen
         assert os.stat(v.mountpoint / "later").st_mtime_ns == seen_later
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _touch_mtime(path: Path, seconds: int) -> None:
+    """Set the mtime alone, atime left as it is, without opening the file (touch -m
+    would open and close it): the SETATTR the kernel itself sends with the times it
+    stamped at write(2), before an fsync or when it writes the inode back."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    times = (_Timespec * 2)(_Timespec(0, UTIME_OMIT), _Timespec(seconds, 0))
+    if libc.utimensat(AT_FDCWD, os.fsencode(path), times, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+
+
+def test_an_fdatasync_leaves_the_times_to_close_or_fsync(tmp_path: Path) -> None:
+    """With the writeback cache, an mtime set on an open file is kept by the daemon
+    and given to the backing file at the next fsync or at close, never at an
+    fdatasync (which would then also write the inode: 70-90 us here)."""
+    v = make_vault(tmp_path)
+    first, second = 1_000_000_000, 1_100_000_000
+    with mounted_at(v):
+        path = v.mountpoint / "db.wal"
+        path.write_bytes(b"x" * 8192)
+        backing = v.backing / "db.wal"
+        fd = os.open(path, os.O_RDWR)
+        try:
+            _touch_mtime(path, first)
+            assert os.stat(path).st_mtime_ns == first * 10**9
+            os.fdatasync(fd)
+            assert os.stat(backing).st_mtime_ns != first * 10**9
+            os.fsync(fd)  # an fsync makes the times durable too
+            assert os.stat(backing).st_mtime_ns == first * 10**9
+            os.pwrite(fd, b"y" * 100, 0)
+            _touch_mtime(path, second)
+            os.fdatasync(fd)
+            assert os.stat(backing).st_mtime_ns != second * 10**9
+            shown = os.stat(path).st_mtime_ns
+            assert shown == second * 10**9
+        finally:
+            os.close(fd)
+        assert os.stat(backing).st_mtime_ns == shown
+    with mounted_at(v):
+        assert os.stat(v.mountpoint / "db.wal").st_mtime_ns == shown
+        assert (v.mountpoint / "db.wal").read_bytes() == b"y" * 100 + b"x" * 8092
 
 
 def test_without_the_writeback_cache(tmp_path: Path) -> None:
