@@ -813,9 +813,9 @@ class VaultFS(pyfuse3.Operations):
         before an fsync of the times (never before an fdatasync).
 
         With the writeback cache the kernel stamps mtime at write(2) and sends it only
-        when that stamp changed (a SETATTR ``setattr`` keeps for later); our pwrite of
-        the data, later, moves the backing mtime regardless, so without this a
-        remount would show a different mtime."""
+        when that stamp changed, in a SETATTR that ``setattr`` may keep for later; our
+        pwrite of the data, later, moves the backing mtime regardless, so without this
+        a remount would show a different mtime."""
         if not (self.enable_writeback_cache and inode.written and inode.mtime_ns is not None):
             return
         inode.written = False
